@@ -1,0 +1,94 @@
+"""One config dataclass per entry point: `ScoreConfig` (load → tokenize → score) and `SelectConfig`
+(select → write). `filter` is both, run back to back over the same run directory."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from toss_filter.errors import ConfigError
+
+BACKENDS = ("torch",)
+SCOPES = ("global", "per-sample")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class ScoreConfig:
+    """What to score and with which references.
+
+    > Data
+    - `input`: a .jsonl/.json/.parquet file, a `save_to_disk` directory, or a `datasets.load_dataset` name.
+    - `split`: the split of a dataset dict or Hub dataset (default `train`).
+    - `columns`: canonical column → input column, e.g. `{"prompt": "question", "completion": "answer"}`.
+    - `template`: `chat` (the model's chat template), `paper` (the authors' Human:/Assistant: format), or a Jinja file.
+    - `max_length`: truncate rows to this many tokens (counted in stats.json).
+
+    > Models
+    - `safety_model`, `utility_model`: full HF model directories or PEFT LoRA adapter directories.
+    - `base_model`: the base of the adapters (default: the base recorded in each adapter's config).
+
+    > Execution
+    - `run_dir`: where tokens, score shards, stats and the resolved config live; a re-run resumes from it.
+    - `max_batch_tokens`: the padded token budget of one forward pass; `shard_rows`: rows per resumable shard.
+    """
+
+    input: str
+    safety_model: str
+    utility_model: str
+    run_dir: str
+    base_model: str | None = None
+    split: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    template: str = "chat"
+    max_length: int | None = None
+    backend: str = "torch"
+    dtype: str = "auto"
+    device: str = "auto"
+    max_batch_tokens: int = 4096
+    shard_rows: int = 1000
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("backend", self.backend, BACKENDS)
+        _choice("dtype", self.dtype, DTYPES)
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError("--max-length must be at least 2")
+        if self.max_batch_tokens < 1 or self.shard_rows < 1:
+            raise ConfigError("--max-batch-tokens and --shard-rows must be positive")
+
+
+@dataclass
+class SelectConfig:
+    """How to turn scores into the output.
+
+    - `ratio`: share of all scored response tokens to mask (global top-k; k = floor(ratio × N)).
+    - `scope`: `global` (the paper) or `per-sample` (the top share of each row).
+    - `threshold`: mask every token whose score is above it instead of a share (overrides `ratio`).
+    - `keep_empty`: keep rows left with no trainable token, so output row i is input row i.
+    """
+
+    run_dir: str
+    output: str
+    ratio: float = 0.2
+    scope: str = "global"
+    threshold: float | None = None
+    keep_empty: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ConfigError(f"--ratio must be within [0, 1], got {self.ratio}")
+        _choice("scope", self.scope, SCOPES)
+        if Path(self.output).resolve() == Path(self.run_dir).resolve():
+            raise ConfigError("--output and --run-dir must be different directories")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def as_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)

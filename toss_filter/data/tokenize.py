@@ -1,0 +1,168 @@
+"""Step 2, tokenize: the ONE place that turns chat messages into `input_ids` and response labels.
+
+`filter`, `score` and any later training step all call `tokenize_conversation`, so the tokens that are scored are
+exactly the tokens a trainer sees.
+
+Contract of `Tokenized` for one conversation:
+- `input_ids[j]` is what a trainer using the same template would feed the model at position j.
+- `labels[j] == input_ids[j]` when token j is a response token, else -100. Response tokens are the tokens of
+  each assistant turn's content plus the end-of-turn special token that closes the turn (e.g. `<|im_end|>`,
+  `<|eot_id|>`, `</s>`), with any whitespace between the two. A token that straddles the boundary between
+  prompt and response (" Sure" after "Assistant:") counts as a response token.
+
+Why character offsets: the authors tokenised the prompt on its own and masked that many tokens. When the last
+prompt character merges with the first response character into one token, that mask is one token too long and
+the first response token is never scored or trained. Here the whole conversation is rendered once, tokenised
+once, and each token is classified by its character span, so merges cannot shift the boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from toss_filter.data.load import Message
+from toss_filter.errors import ConfigError, InputError
+
+# The authors' format ("Human: {prompt}\nAssistant: {response} {eos}", contents stripped, system as
+# "<|system|>\n...\n"), written as a chat template so it goes through the same rendering and masking path.
+PAPER_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}<|system|>\n{{ message['content'] | trim }}\n"
+    "{% elif message['role'] == 'user' %}{% if not loop.first %}\n{% endif %}Human: {{ message['content'] | trim }}\n"
+    "{% else %}Assistant: {{ message['content'] | trim }} {{ eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How conversations become text.
+
+    `add_special_tokens` is False for chat templates, which write BOS themselves, and True for the paper template,
+    which the authors tokenised with the tokenizer's default special tokens (BOS on Llama).
+    """
+
+    name: str
+    template: str
+    add_special_tokens: bool
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+
+def resolve_format(tokenizer: PreTrainedTokenizerBase, template: str = "chat") -> ChatFormat:
+    """`chat` (the tokenizer's own chat template), `paper`, or a path to a Jinja chat-template file."""
+    if template == "chat":
+        if not tokenizer.chat_template:
+            raise ConfigError("the tokenizer has no chat template: use --template paper or --template FILE.jinja")
+        return ChatFormat("chat", tokenizer.chat_template, add_special_tokens=False)
+    if template == "paper":
+        return ChatFormat("paper", PAPER_TEMPLATE, add_special_tokens=True)
+    path = Path(template)
+    if not path.is_file():
+        raise ConfigError(f"--template must be chat, paper or a Jinja file; {template!r} is none of these")
+    return ChatFormat(f"file:{path.name}", path.read_text(encoding="utf-8"), add_special_tokens=False)
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
+    if not tokenizer.is_fast:
+        raise ConfigError("a fast (Rust) tokenizer is required: response tokens are found from character offsets")
+
+
+def _special_token_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    specials = set(tokenizer.all_special_tokens)
+    specials.update(token.content for token in tokenizer.added_tokens_decoder.values() if token.special)
+    return sorted((s for s in specials if s), key=len, reverse=True)
+
+
+def response_char_spans(text: str, messages: list[Message], special_tokens: list[str]) -> list[tuple[int, int]] | None:
+    """Character spans of the response part of each assistant turn in the rendered `text`.
+
+    Each message's content is located in order, starting after the previous one, so a response quoted inside a
+    later user turn cannot be mistaken for the real one. Templates that trim content are handled by retrying with
+    the stripped content. Returns None if a user or assistant content is not found verbatim.
+    """
+    cursor, located = 0, []
+    for message in messages:
+        content = message["content"]
+        start = text.find(content, cursor)
+        if start < 0 and content.strip():
+            content = content.strip()
+            start = text.find(content, cursor)
+        if start < 0:
+            if message["role"] == "system":  # some templates drop or rewrite system prompts; they are never scored
+                continue
+            return None
+        located.append((message["role"], start, start + len(content)))
+        cursor = start + len(content)
+    spans = []
+    for index, (role, start, end) in enumerate(located):
+        if role == "assistant":
+            limit = located[index + 1][1] if index + 1 < len(located) else len(text)
+            spans.append((start, _end_of_turn(text, end, limit, special_tokens)))
+    return spans
+
+
+def _end_of_turn(text: str, content_end: int, limit: int, special_tokens: list[str]) -> int:
+    """Extend a response span over the special token that closes the turn, if only whitespace comes before it."""
+    gap = text[content_end:limit]
+    stripped = gap.lstrip()
+    for token in special_tokens:
+        if stripped.startswith(token):
+            return content_end + (len(gap) - len(stripped)) + len(token)
+    return content_end
+
+
+def tokenize_conversation(
+    messages: list[Message],
+    tokenizer: PreTrainedTokenizerBase,
+    chat_format: ChatFormat,
+    max_length: int | None = None,
+    *,
+    source: str = "<input>",
+    row: int = 0,
+    special_tokens: list[str] | None = None,
+) -> Tokenized:
+    """Render, tokenise and label one conversation (see the module docstring for the contract)."""
+    text = tokenizer.apply_chat_template(messages, chat_template=chat_format.template, tokenize=False)
+    spans = response_char_spans(text, messages, special_tokens or _special_token_strings(tokenizer))
+    if spans is None:
+        raise InputError(source, row, "messages", f"the {chat_format.name} template does not render message contents verbatim")
+    encoding = tokenizer(text, add_special_tokens=chat_format.add_special_tokens, return_offsets_mapping=True)
+    input_ids, labels = list(encoding["input_ids"]), [IGNORE_INDEX] * len(encoding["input_ids"])
+    span_index = 0
+    for j, (start, end) in enumerate(encoding["offset_mapping"]):
+        if end <= start:  # tokens added by the tokenizer itself (BOS) cover no characters
+            continue
+        while span_index < len(spans) and spans[span_index][1] <= start:
+            span_index += 1
+        if span_index < len(spans) and start < spans[span_index][1] and end > spans[span_index][0]:
+            labels[j] = input_ids[j]
+    truncated = max_length is not None and len(input_ids) > max_length
+    if truncated:
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return Tokenized(input_ids, labels, truncated)
+
+
+class ConversationTokenizer:
+    """`tokenize_conversation` bound to one tokenizer, format and max length, for many rows."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_format: ChatFormat, max_length: int | None = None):
+        check_tokenizer(tokenizer)
+        self.tokenizer, self.chat_format, self.max_length = tokenizer, chat_format, max_length
+        self.special_tokens = _special_token_strings(tokenizer)
+
+    def __call__(self, messages: list[Message], source: str = "<input>", row: int = 0) -> Tokenized:
+        return tokenize_conversation(
+            messages, self.tokenizer, self.chat_format, self.max_length,
+            source=source, row=row, special_tokens=self.special_tokens,
+        )

@@ -1,0 +1,246 @@
+"""The Python API: `score` (load → tokenize → score), `select` (select → write) and `filter_dataset` (both).
+
+Each step's I/O goes through the run directory (see `toss_filter.run`), so the steps can run separately.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import torch
+import transformers
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from toss_filter.config import ScoreConfig, SelectConfig, as_dict
+from toss_filter.data.load import load_conversations
+from toss_filter.data.tokenize import IGNORE_INDEX, ConversationTokenizer, resolve_format
+from toss_filter.data.write import list_array, rejected_path, save_dataset, training_table
+from toss_filter.errors import ConfigError
+from toss_filter.run import RunDir, list_column, model_fingerprint, package_versions, score_key, tokens_digest
+from toss_filter.score.models import ROLES, ReferenceModels, resolve_spec
+from toss_filter.score.torch_backend import TorchScorer
+from toss_filter.select import above_threshold, global_top_k, per_sample_top_k
+
+POSITIONS_REPORTED = 32
+console = Console(stderr=True)
+# toss-filter draws its own progress bars; the libraries' per-step bars would only interleave with them.
+datasets.disable_progress_bars()
+transformers.utils.logging.disable_progress_bar()
+
+
+def _progress(enabled: bool) -> Progress | nullcontext:
+    if not enabled:
+        return nullcontext()
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
+        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def resolve_device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    # float32 on CPU: on AVX2 machines without bf16 units, bfloat16 is 5-6x slower.
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)
+
+
+def tokenize_input(config: ScoreConfig, encode: ConversationTokenizer) -> pa.Table:
+    """Every input row as `row, input_ids, labels, truncated`, in input order."""
+    rows, input_ids, labels, truncated = [], [], [], []
+    for row, messages in load_conversations(config.input, config.split, config.columns):
+        tokens = encode(messages, config.input, row)
+        rows.append(row)
+        input_ids.append(tokens.input_ids)
+        labels.append(tokens.labels)
+        truncated.append(tokens.truncated)
+    return pa.table({
+        "row": pa.array(rows, pa.int64()),
+        "input_ids": pa.array(input_ids, pa.list_(pa.int32())),
+        "labels": pa.array(labels, pa.list_(pa.int32())),
+        "truncated": pa.array(truncated, pa.bool_()),
+    })
+
+
+def score(config: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
+    """Tokenize `config.input` and write per-token NLLs under both references into `config.run_dir`, resuming
+    from any complete shards of the same configuration. Returns the run summary (also saved as run.json)."""
+    run = RunDir(config.run_dir)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    specs = {role: resolve_spec(role, getattr(config, f"{role}_model"), config.base_model) for role in ROLES}
+    references = ReferenceModels(specs["safety"], specs["utility"], dtype, device, config.trust_remote_code)
+
+    started = time.perf_counter()
+    chat_format = resolve_format(references.tokenizer, config.template)
+    tokens = tokenize_input(config, ConversationTokenizer(references.tokenizer, chat_format, config.max_length))
+    tokenize_s = time.perf_counter() - started
+    scoring = {
+        "models": {role: model_fingerprint(spec.path) for role, spec in specs.items()},
+        "bases": {role: spec.base and model_fingerprint(spec.base) for role, spec in specs.items()},
+        "backend": config.backend, "dtype": str(dtype), "shard_rows": config.shard_rows,
+    }
+    key = score_key(tokens_digest(tokens), scoring)
+    run.write_tokens(tokens)
+    run.write_json("config.json", {"command": "score", "score": as_dict(config), "versions": package_versions()})
+
+    shards = math.ceil(tokens.num_rows / config.shard_rows)
+    todo = [s for s in range(shards) if not run.shard_path(key, s).exists()]
+    ids_flat, offsets = list_column(tokens, "input_ids")
+    labels_flat, _ = list_column(tokens, "labels")
+    scorer = TorchScorer(device, config.max_batch_tokens)
+    seconds = {role: 0.0 for role in ROLES}
+    scored_tokens = 0
+    with _progress(show_progress) as progress:
+        tasks = {}
+        if progress:
+            todo_rows = sum(min(config.shard_rows, tokens.num_rows - s * config.shard_rows) for s in todo)
+            tasks = {role: progress.add_task(f"score ({role})", total=todo_rows, rate="") for role in ROLES}
+        for shard in todo:
+            first, last = shard * config.shard_rows, min((shard + 1) * config.shard_rows, tokens.num_rows)
+            rows = [(ids_flat[offsets[i]:offsets[i + 1]], labels_flat[offsets[i]:offsets[i + 1]]) for i in range(first, last)]
+            columns: dict[str, Any] = {"row": tokens.column("row").slice(first, last - first)}
+            for role in ROLES:
+                model = references.model_for(role)
+                role_start, done = time.perf_counter(), [0]
+
+                def report(batch_rows: int, batch_tokens: int, role: str = role, role_start: float = role_start,
+                           done: list[int] = done) -> None:
+                    done[0] += batch_tokens
+                    if progress:
+                        rate = done[0] / max(time.perf_counter() - role_start, 1e-9)
+                        progress.update(tasks[role], advance=batch_rows, rate=f"{rate:,.0f} tok/s")
+
+                nll = scorer.nll(model, rows, report)
+                seconds[role] += time.perf_counter() - role_start
+                flat = np.concatenate(nll) if nll else np.zeros(0, np.float32)
+                columns[f"nll_{role}"] = list_array(flat, offsets[first:last + 1] - offsets[first], pa.float32())
+            scored_tokens += int(offsets[last] - offsets[first])
+            run.write_shard(key, shard, pa.table(columns))
+
+    summary = {
+        "score_key": key, "shards": shards, "rows": tokens.num_rows, "resumed_shards": shards - len(todo),
+        "input": config.input, "template": chat_format.name, "models": references.describe(),
+        "score_config": as_dict(config), "device": device, "dtype": str(dtype),
+        "timings": {
+            "tokenize_s": round(tokenize_s, 3),
+            **{f"score_{role}_s": round(seconds[role], 3) for role in ROLES},
+            "tokens_scored_this_run": scored_tokens,
+            "tokens_per_s_per_model": round(2 * scored_tokens / max(sum(seconds.values()), 1e-9), 1) if todo else None,
+        },
+    }
+    run.write_json("run.json", summary)
+    return summary
+
+
+def select(config: SelectConfig, show_progress: bool = True) -> dict[str, Any]:
+    """Mask the unsafe tokens chosen from the run directory's scores and write the output (see
+    `toss_filter.data.write` for its contract), the rejected rows, the sidecar and stats.json."""
+    started = time.perf_counter()
+    run = RunDir(config.run_dir)
+    state = run.read_json("run.json")
+    tokens = run.read_tokens()
+    scores = run.read_scores(state["score_key"], state["shards"])
+    if not np.array_equal(scores.column("row").to_numpy(), tokens.column("row").to_numpy()):
+        raise ConfigError(f"{run.path}: score shards do not match tokens.arrow; re-run `toss-filter score`")
+
+    input_ids, offsets = list_column(tokens, "input_ids")
+    labels, _ = list_column(tokens, "labels")
+    nll_safety, _ = list_column(scores, "nll_safety")
+    nll_utility, _ = list_column(scores, "nll_utility")
+    n_rows, lengths = tokens.num_rows, np.diff(offsets)
+    token_row = np.repeat(np.arange(n_rows), lengths)
+    position = np.arange(len(input_ids)) - np.repeat(offsets[:-1], lengths)
+    token_score = (nll_utility - nll_safety).astype(np.float32)  # S(t) = nll_u(t) - nll_s(t); NaN if unscored
+
+    response = np.flatnonzero(labels != IGNORE_INDEX)
+    response_scores = token_score[response]
+    response_per_row = np.bincount(token_row[response], minlength=n_rows)
+    if config.threshold is not None:
+        unsafe = above_threshold(response_scores, config.threshold)
+    elif config.scope == "per-sample":
+        unsafe = per_sample_top_k(response_scores, response_per_row, config.ratio)
+    else:
+        unsafe = global_top_k(response_scores, config.ratio)
+
+    new_labels = labels.astype(np.int64)
+    new_labels[response[unsafe]] = IGNORE_INDEX
+    # A label at position 0 never reaches the loss (nothing predicts it), so it does not count as trainable.
+    trainable_per_row = np.bincount(token_row[(new_labels != IGNORE_INDEX) & (position > 0)], minlength=n_rows)
+    empty = trainable_per_row == 0
+    kept = np.arange(n_rows) if config.keep_empty else np.flatnonzero(~empty)
+    dropped = np.array([], dtype=np.int64) if config.keep_empty else np.flatnonzero(empty)
+    select_s = time.perf_counter() - started
+
+    write_start = time.perf_counter()
+    output = Path(config.output)
+    save_dataset(training_table(input_ids, new_labels, offsets, kept), output)
+    truncated = tokens.column("truncated").to_numpy(zero_copy_only=False)
+    row_ids = tokens.column("row").to_numpy()
+    rejected = training_table(input_ids, new_labels, offsets, dropped).append_column(
+        "row", pa.array(row_ids[dropped], pa.int64())
+    ).append_column("reason", pa.array(
+        ["truncated" if truncated[i] and response_per_row[i] == 0 else "all_masked" for i in dropped], pa.string()
+    ))
+    save_dataset(rejected, rejected_path(output))
+    unsafe_flat = np.zeros(len(input_ids), dtype=bool)
+    unsafe_flat[response[unsafe]] = True
+    save_dataset(pa.table({
+        "row": pa.array(row_ids, pa.int64()),
+        "score": list_array(np.where(labels != IGNORE_INDEX, token_score, np.nan), offsets, pa.float32()),
+        "unsafe": list_array(unsafe_flat, offsets, pa.bool_()),
+    }), run.path / "token_scores")
+    write_s = time.perf_counter() - write_start
+
+    stats = _stats(config, state, response_scores, unsafe, response_per_row, truncated, empty, kept, dropped)
+    stats["timings"] = state["timings"] | {"select_s": round(select_s, 3), "write_s": round(write_s, 3)}
+    stats["output"], stats["rejected_output"] = str(output), str(rejected_path(output))
+    run.write_json("stats.json", stats)
+    run.write_json("config.json", {"command": "select", "score": state["score_config"], "select": as_dict(config),
+                                   "versions": package_versions()})
+    return stats
+
+
+def _stats(config: SelectConfig, state: dict[str, Any], response_scores: np.ndarray, unsafe: np.ndarray,
+           response_per_row: np.ndarray, truncated: np.ndarray, empty: np.ndarray, kept: np.ndarray,
+           dropped: np.ndarray) -> dict[str, Any]:
+    response_position = np.arange(len(response_scores)) - np.repeat(
+        np.cumsum(response_per_row) - response_per_row, response_per_row
+    )
+    early = response_position < POSITIONS_REPORTED
+    by_position_total = np.bincount(response_position[early], minlength=POSITIONS_REPORTED)
+    by_position_masked = np.bincount(response_position[early], weights=unsafe[early], minlength=POSITIONS_REPORTED)
+    scored = ~np.isnan(response_scores)
+    return {
+        "rows_in": int(len(response_per_row)), "rows_out": int(len(kept)), "rows_rejected": int(len(dropped)),
+        "rows_truncated": int(truncated.sum()), "rows_without_trainable_token": int(empty.sum()),
+        "response_tokens": int(len(response_scores)), "scored_tokens": int(scored.sum()),
+        "masked_tokens": int(unsafe.sum()),
+        "masked_share": float(unsafe.sum() / max(int(scored.sum()), 1)),
+        "masked_share_by_response_position": [
+            round(float(m / t), 4) if t else None for m, t in zip(by_position_masked, by_position_total)
+        ],
+        "score_cutoff": float(response_scores[unsafe].min()) if unsafe.any() else None,
+        "selection": {"ratio": config.ratio, "scope": config.scope, "threshold": config.threshold,
+                      "keep_empty": config.keep_empty},
+        "input": state["input"], "template": state["template"], "models": state["models"],
+        "device": state["device"], "dtype": state["dtype"],
+    }
+
+
+def filter_dataset(score_config: ScoreConfig, select_config: SelectConfig, show_progress: bool = True) -> dict[str, Any]:
+    """`score` then `select` over the same run directory; returns the stats (also in RUN_DIR/stats.json)."""
+    score(score_config, show_progress)
+    return select(select_config, show_progress)

@@ -1,0 +1,1 @@
+"""Per-token NLL scoring of response tokens under the two reference models."""

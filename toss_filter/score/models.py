@@ -1,0 +1,155 @@
+"""Load the two reference models: full HF model directories or PEFT LoRA adapters on a base.
+
+When both references are adapters of one base, the base is loaded once and both adapters are attached to it
+(peft `load_adapter`); scoring switches between them with `set_adapter`. Either way, the two tokenizers must be
+identical, because one tokenisation is scored under both models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from toss_filter.default_model import resolve_model_path
+from toss_filter.errors import ConfigError
+
+ROLES = ("safety", "utility")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One reference as given on the command line: a full model, or an adapter plus the base it needs."""
+
+    role: str
+    path: str
+    base: str | None = None  # set for adapters only
+    adapter_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.base is not None
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"path": self.path, "kind": "lora-adapter" if self.is_adapter else "full-model"}
+        if self.is_adapter:
+            info |= {"base": self.base, "r": self.adapter_config.get("r"),
+                     "target_modules": self.adapter_config.get("target_modules")}
+        return info
+
+
+def resolve_spec(role: str, path: str, base_model: str | None) -> ModelSpec:
+    """Check that `path` exists and say whether it is an adapter; an adapter's base comes from `base_model` or
+    from its own `adapter_config.json`."""
+    local = Path(path).expanduser()
+    if not local.exists():
+        if path.startswith((".", "/", "~")) or len(Path(path).parts) != 2:
+            raise ConfigError(f"--{role}-model: no such model directory: {path}")
+        return ModelSpec(role, resolve_model_path(path))
+    if not (local / "adapter_config.json").exists():
+        if not (local / "config.json").exists():
+            raise ConfigError(f"--{role}-model: {path} holds neither config.json (a model) nor adapter_config.json (a LoRA adapter)")
+        return ModelSpec(role, str(local))
+    adapter_config = json.loads((local / "adapter_config.json").read_text())
+    recorded = adapter_config.get("base_model_name_or_path")
+    base = base_model or recorded
+    if not base:
+        raise ConfigError(f"--{role}-model {path} is a LoRA adapter: name its base model with --base-model")
+    if base_model and recorded and not _same_model(base_model, recorded):
+        log.warning("%s adapter %s was trained on %s but --base-model is %s", role, path, recorded, base_model)
+    return ModelSpec(role, str(local), resolve_model_path(base), adapter_config)
+
+
+def _same_model(a: str, b: str) -> bool:
+    return a == b or Path(a).name == Path(b).name or Path(resolve_model_path(a)).resolve() == Path(resolve_model_path(b)).resolve()
+
+
+def load_tokenizer(spec: ModelSpec, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer saved beside the model or adapter, else the base model's."""
+    own = any((Path(spec.path) / name).exists() for name in TOKENIZER_FILES)
+    source = spec.path if own or not spec.is_adapter else spec.base
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--{spec.role}-model: cannot load a tokenizer from {source}: {err}") from err
+
+
+def check_same_tokenizer(first: PreTrainedTokenizerBase, second: PreTrainedTokenizerBase) -> None:
+    """Refuse a pair whose tokenizers would split or render text differently."""
+    differences = []
+    if first.get_vocab() != second.get_vocab():
+        differences.append("vocabularies")
+    for attribute in ("bos_token", "eos_token", "chat_template"):
+        if getattr(first, attribute) != getattr(second, attribute):
+            differences.append(attribute)
+    if differences:
+        raise ConfigError(
+            f"the safety and utility models have different tokenizers ({', '.join(differences)} differ): "
+            "TOSS compares per-token losses, so both references must share one tokenizer"
+        )
+
+
+class ReferenceModels:
+    """The two references, ready to score. `model_for(role)` returns the causal LM with that role's weights active."""
+
+    def __init__(self, safety: ModelSpec, utility: ModelSpec, dtype: torch.dtype, device: str,
+                 trust_remote_code: bool = False):
+        self.specs = {"safety": safety, "utility": utility}
+        self.tokenizer = load_tokenizer(safety, trust_remote_code)
+        check_same_tokenizer(self.tokenizer, load_tokenizer(utility, trust_remote_code))
+        self.dtype, self.device, self.trust_remote_code = dtype, device, trust_remote_code
+        self.shared_base = safety.is_adapter and utility.is_adapter and _same_model(safety.base, utility.base)
+        self._models: dict[str, torch.nn.Module] = {}
+
+    def _load(self) -> None:
+        """Load the weights; deferred until the first `model_for`, so a fully resumed run never loads them."""
+        safety, utility = self.specs["safety"], self.specs["utility"]
+        if self.shared_base:
+            shared = self._load_adapter(safety, self._load_full(safety.base, "base"), adapter_name="safety")
+            self._load_adapter(utility, shared, adapter_name="utility")
+            self._models = {"safety": shared, "utility": shared}
+        else:
+            for role, spec in self.specs.items():
+                model = self._load_full(spec.base or spec.path, role)
+                self._models[role] = self._load_adapter(spec, model, "default") if spec.is_adapter else model
+
+    def _load_full(self, path: str, role: str) -> torch.nn.Module:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"cannot load the {role} model from {path}: {err}") from err
+        return model.to(self.device).eval()
+
+    def _load_adapter(self, spec: ModelSpec, model: torch.nn.Module, adapter_name: str) -> torch.nn.Module:
+        from peft import PeftModel
+
+        try:
+            if isinstance(model, PeftModel):
+                model.load_adapter(spec.path, adapter_name=adapter_name)
+                return model
+            return PeftModel.from_pretrained(model, spec.path, adapter_name=adapter_name).eval()
+        except (RuntimeError, ValueError, KeyError) as err:  # size mismatch / missing target modules
+            first_line = str(err).strip().splitlines()[0][:300]
+            raise ConfigError(f"--{spec.role}-model {spec.path} does not fit the base model {spec.base}: {first_line}") from err
+
+    def model_for(self, role: str) -> torch.nn.Module:
+        """The causal LM (not the peft wrapper) with `role`'s weights active."""
+        if not self._models:
+            self._load()
+        model = self._models[role]
+        from peft import PeftModel
+
+        if isinstance(model, PeftModel):
+            model.set_adapter(role if self.shared_base else "default")
+            return model.get_base_model()
+        return model
+
+    def describe(self) -> dict[str, Any]:
+        return {role: spec.describe() for role, spec in self.specs.items()} | {"shared_base": self.shared_base}

@@ -1,0 +1,114 @@
+"""The transformers/torch scorer: exact per-token NLL of response tokens under one reference model.
+
+Contract: `TorchScorer.nll(model, rows)` returns, for each row `(input_ids, labels)`, a float32 array `nll` with
+`len(nll) == len(input_ids)` where `nll[j] = -log p(input_ids[j] | input_ids[:j])` if `labels[j] != -100` and
+`j > 0`, and NaN everywhere else (prompt tokens, position 0, which has no prefix).
+
+Where the time goes, and why it is organised this way:
+- Rows are sorted by length and packed into batches by a token budget (padded length × rows), so padding is
+  small and the batch size adapts to the row length.
+- The decoder runs once per batch; the LM head and the log-softmax run only on the hidden states that predict a
+  response token (position j-1 for token j), in chunks of `logits_chunk` rows. Prompt positions never get logits,
+  and no `[tokens, vocab]` tensor larger than one chunk ever exists.
+- The log-softmax is computed in float32 whatever the model dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from toss_filter.errors import ConfigError
+
+TokenRow = tuple[np.ndarray, np.ndarray]  # (input_ids, labels), both 1-D int arrays of one length
+
+
+def length_sorted_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
+    """Row indices grouped into batches whose padded size (rows × longest) stays within `max_batch_tokens`.
+
+    Longest rows first, so a budget overrun (one row longer than the budget) shows up at the start.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for index in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_batch_tokens:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
+def _final_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head as the model's own forward applies it, for the architectures that post-process logits."""
+    config = model.config
+    logits = model.get_output_embeddings()(hidden).float()
+    if getattr(config, "logit_scale", None):  # Cohere
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None):  # Granite
+        logits = logits / config.logits_scaling
+    if getattr(config, "final_logit_softcapping", None):  # Gemma 2/3
+        cap = config.final_logit_softcapping
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+class TorchScorer:
+    def __init__(self, device: str = "cpu", max_batch_tokens: int = 4096, logits_chunk: int = 1024):
+        self.device, self.max_batch_tokens, self.logits_chunk = device, max_batch_tokens, logits_chunk
+        self._checked: set[int] = set()
+
+    @torch.inference_mode()
+    def nll(self, model: torch.nn.Module, rows: Sequence[TokenRow],
+            on_batch: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+        """Per-token NLL arrays for `rows` (see the module contract). `on_batch(rows, tokens)` reports progress."""
+        if id(model) not in self._checked and rows:
+            self._check_head_matches_forward(model, rows[0])
+            self._checked.add(id(model))
+        results: list[np.ndarray] = [np.full(len(ids), np.nan, dtype=np.float32) for ids, _ in rows]
+        for batch in length_sorted_batches([len(ids) for ids, _ in rows], self.max_batch_tokens):
+            self._score_batch(model, [rows[i] for i in batch], [results[i] for i in batch])
+            if on_batch:
+                on_batch(len(batch), sum(len(rows[i][0]) for i in batch))
+        return results
+
+    def _score_batch(self, model: torch.nn.Module, rows: list[TokenRow], outputs: list[np.ndarray]) -> None:
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        scored = torch.zeros((len(rows), width), dtype=torch.bool)
+        for b, (ids, labels) in enumerate(rows):
+            input_ids[b, : len(ids)] = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+            attention[b, : len(ids)] = 1
+            scored[b, 1 : len(ids)] = torch.from_numpy(np.asarray(labels[1:]) != -100)
+        if not scored.any():
+            return
+        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
+        rows_idx, positions = scored.nonzero(as_tuple=True)  # token (b, j) is predicted from hidden (b, j-1)
+        predictors = hidden[rows_idx.to(self.device), (positions - 1).to(self.device)]
+        targets = input_ids[rows_idx.to(self.device), positions.to(self.device)]
+        nll = torch.empty(len(targets), dtype=torch.float32, device=self.device)
+        for start in range(0, len(targets), self.logits_chunk):
+            chunk = slice(start, start + self.logits_chunk)
+            logits = _final_logits(model, predictors[chunk])
+            nll[chunk] = torch.logsumexp(logits, dim=-1) - logits.gather(1, targets[chunk, None]).squeeze(1)
+        nll_host = nll.cpu().numpy()
+        rows_np, positions_np = rows_idx.numpy(), positions.numpy()
+        for b, out in enumerate(outputs):
+            in_row = rows_np == b
+            out[positions_np[in_row]] = nll_host[in_row]
+
+    def _check_head_matches_forward(self, model: torch.nn.Module, row: TokenRow) -> None:
+        """Guard against an architecture whose forward post-processes logits in a way `_final_logits` misses."""
+        ids = torch.as_tensor(np.asarray(row[0][:64], dtype=np.int64), device=self.device)[None]
+        reference = model(input_ids=ids).logits.float()[0]
+        hidden = model.get_decoder()(input_ids=ids).last_hidden_state[0]
+        ours = _final_logits(model, hidden)
+        gap = (torch.log_softmax(reference, -1) - torch.log_softmax(ours, -1)).abs().max().item()
+        if gap > 1e-3:
+            raise ConfigError(
+                f"{type(model).__name__}: scoring from hidden states differs from the model's own logits by {gap:.3g}; "
+                "this architecture post-processes logits in a way toss-filter does not know yet"
+            )
