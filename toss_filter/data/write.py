@@ -50,7 +50,8 @@ def save_dataset(table: pa.Table, target: Path) -> Path:
     """`save_to_disk` into a staging directory, then rename it over `target`."""
     staging = staging_dir(target)
     try:
-        Dataset(table).save_to_disk(str(staging))
+        # datasets writes zero shards for an empty table and then cannot load it back; one empty shard loads fine.
+        Dataset(table).save_to_disk(str(staging), num_shards=1 if table.num_rows == 0 else None)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

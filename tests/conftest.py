@@ -1,0 +1,69 @@
+"""Shared fixtures: a real tokenizer (SmolLM2's, from the embedded default) and a tiny random Llama with two
+LoRA adapters on it. Everything is built locally; nothing touches the network."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from toss_filter.default_model import embedded_model_dir
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def chat(user: str, assistant: str, system: str | None = None) -> dict:
+    messages = [{"role": "system", "content": system}] if system else []
+    return {"messages": messages + [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    return embedded_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_dir):
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def _tiny_llama(vocab_size: int, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """{"base", "safety", "utility", "other_base"}: a tiny Llama, two distinct random LoRA adapters (q/v) on it,
+    and a second full model of another width (an adapter of the first does not fit it)."""
+    root = tmp_path_factory.mktemp("tiny")
+    paths = {name: root / name for name in ("base", "safety", "utility", "other_base")}
+    _tiny_llama(len(tokenizer), seed=0).save_pretrained(paths["base"])
+    tokenizer.save_pretrained(paths["base"])
+    for seed, role in enumerate(("safety", "utility"), start=1):
+        torch.manual_seed(seed)
+        base = LlamaForCausalLM.from_pretrained(paths["base"])
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        adapter = get_peft_model(base, lora)
+        adapter.peft_config["default"].base_model_name_or_path = str(paths["base"])
+        adapter.save_pretrained(paths[role])
+    other = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024,
+    ))
+    other.save_pretrained(paths["other_base"])
+    tokenizer.save_pretrained(paths["other_base"])
+    return paths

@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from toss_filter.data.tokenize import ConversationTokenizer, resolve_format
+from toss_filter.score.models import ReferenceModels, resolve_spec
+from toss_filter.score.torch_backend import TorchScorer, length_sorted_batches
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Sure, 2+2 is 4."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+     {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another?"},
+     {"role": "assistant", "content": "Green, or maybe a long answer about red and orange and yellow tones."}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help you today?"}],
+]
+
+
+@pytest.fixture(scope="module")
+def rows(tokenizer):
+    encode = ConversationTokenizer(tokenizer, resolve_format(tokenizer, "chat"))
+    return [(np.array(t.input_ids), np.array(t.labels)) for t in map(encode, CONVERSATIONS)]
+
+
+def direct_nll(model, ids: np.ndarray) -> np.ndarray:
+    """-log p(ids[j] | ids[:j]) from one unbatched, unpadded full forward pass, in float64."""
+    with torch.no_grad():
+        logits = model(torch.tensor(ids)[None]).logits[0].double()
+    logprobs = torch.log_softmax(logits[:-1], dim=-1)
+    return np.concatenate([[np.nan], -logprobs.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1).numpy()])
+
+
+def test_each_score_equals_a_direct_model_call_at_that_position(tiny_models, rows):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["base"]).eval()
+    nll = TorchScorer(max_batch_tokens=64).nll(model, rows)
+    for (ids, labels), got in zip(rows, nll):
+        expected = direct_nll(model, ids)
+        response = (labels != -100) & (np.arange(len(ids)) > 0)
+        assert len(got) == len(ids)
+        np.testing.assert_allclose(got[response], expected[response], rtol=0, atol=1e-4)
+        assert np.isnan(got[~response]).all()
+
+
+def test_adapters_on_a_shared_base_score_like_separately_loaded_peft_models(tiny_models, rows):
+    specs = {role: resolve_spec(role, str(tiny_models[role]), None) for role in ("safety", "utility")}
+    references = ReferenceModels(specs["safety"], specs["utility"], torch.float32, "cpu")
+    assert references.shared_base
+    scorer = TorchScorer(max_batch_tokens=10_000)
+    for role in ("safety", "utility"):
+        got = scorer.nll(references.model_for(role), rows)
+        base = AutoModelForCausalLM.from_pretrained(tiny_models["base"])
+        separate = PeftModel.from_pretrained(base, tiny_models[role]).eval()
+        for (ids, labels), values in zip(rows, got):
+            response = (labels != -100) & (np.arange(len(ids)) > 0)
+            np.testing.assert_allclose(values[response], direct_nll(separate, ids)[response], atol=1e-4)
+    safety, utility = (scorer.nll(references.model_for(r), rows[:1])[0] for r in ("safety", "utility"))
+    assert np.nanmax(np.abs(safety - utility)) > 1e-3, "the two adapters must give different scores"
+
+
+def test_scores_do_not_depend_on_batching(tiny_models, rows):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["base"]).eval()
+    one_by_one = TorchScorer(max_batch_tokens=1).nll(model, rows)
+    batched = TorchScorer(max_batch_tokens=100_000, logits_chunk=7).nll(model, rows)
+    for a, b in zip(one_by_one, batched):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_length_sorted_batches_respect_the_budget_and_cover_every_row():
+    lengths = [5, 100, 7, 50, 50, 3, 200]
+    batches = length_sorted_batches(lengths, max_batch_tokens=120)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 120
+    assert batches[0] == [6]  # a row over the budget runs alone, first
