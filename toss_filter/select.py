@@ -21,17 +21,19 @@ import numpy as np
 
 
 def global_top_k(scores: np.ndarray, ratio: float) -> np.ndarray:
-    scored = np.flatnonzero(~np.isnan(scores))
-    values = scores[scored]
-    k = math.floor(ratio * len(values))
-    selected = np.zeros(len(scores), dtype=bool)
+    valid = ~np.isnan(scores)
+    scored = int(valid.sum())
+    k = math.floor(ratio * scored)
     if k == 0:
-        return selected
-    cutoff = np.partition(values, len(values) - k)[len(values) - k]
-    above = values > cutoff
-    ties = np.flatnonzero(values == cutoff)[: k - int(above.sum())]
-    selected[scored[above]] = True
-    selected[scored[ties]] = True
+        return np.zeros(len(scores), dtype=bool)
+    # Only the k-th largest value is needed, so partition (O(N)) rather than sort; it works on one temporary
+    # copy, and NaN-free input (the usual case) needs no compacted copy first.
+    cutoff = np.partition(scores[valid] if scored < len(scores) else scores, scored - k)[scored - k]
+    del valid
+    selected = scores > cutoff  # NaN compares False
+    missing = k - int(selected.sum())
+    if missing:
+        selected[np.flatnonzero(scores == cutoff)[:missing]] = True
     return selected
 
 

@@ -1,0 +1,230 @@
+"""`toss-filter filter` on bad input, bad options and bad models: one clear line on stderr that names the file, the
+row and the problem, exit code 2, no traceback, and no output directory that looks finished."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from toss_filter.cli import app
+
+ERROR_PREFIX = "toss-filter: error: "
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def chat(user: str, assistant: str) -> dict:
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+
+
+GOOD_ROWS = [chat("Hi", "Hello there."), chat("What is 2+2?", "4.")]
+
+
+def run_filter(tmp_path: Path, data: Path, *options: str, models: dict | None = None,
+               safety: str | None = None, utility: str | None = None) -> tuple[int, str, str]:
+    """Run `toss-filter filter DATA ... --output tmp/out` in-process; returns (exit code, stdout, stderr)."""
+    safety = safety or str(models["safety"])
+    utility = utility or str(models["utility"])
+    args = ["filter", str(data), "--safety-model", safety, "--utility-model", utility,
+            "--output", str(tmp_path / "out"), "--device", "cpu", *options]
+    result = CliRunner().invoke(app, args)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def assert_clean_failure(tmp_path: Path, code: int, stdout: str, stderr: str, *expected: str) -> str:
+    """Exit 2, exactly one error line (the last line of stderr) holding every `expected` text, nothing on stdout,
+    no traceback, and neither OUTPUT nor OUTPUT-rejected nor a finished run directory."""
+    assert code == 2, (code, stdout, stderr)
+    assert stdout == ""
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith(ERROR_PREFIX)]
+    assert len(errors) == 1, stderr
+    assert lines[-1] == errors[0]
+    for text in expected:
+        assert text in errors[0], (text, errors[0])
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out-rejected").exists()
+    assert not list(tmp_path.glob("*-rejected"))
+    run_dir = tmp_path / "out-run"
+    for finished in ("run.json", "stats.json", "token_scores"):
+        assert not (run_dir / finished).exists()
+    return errors[0]
+
+
+# --------------------------------------------------------------------------------------------------- bad input
+
+
+def test_broken_json(tmp_path, tiny_models):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps(GOOD_ROWS[0]) + "\n" + '{"messages": [{"role": "user", "content": "x"}\n',
+                    encoding="utf-8")
+    line = assert_clean_failure(tmp_path, *run_filter(tmp_path, data, models=tiny_models),
+                                str(data), "row 1", "broken JSON on line 2")
+    assert line.startswith(f"{ERROR_PREFIX}{data}: row 1: broken JSON on line 2: ")
+
+
+def test_unknown_role(tmp_path, tiny_models):
+    data = write_jsonl(tmp_path / "data.jsonl", [*GOOD_ROWS, {
+        "messages": [{"role": "user", "content": "x"}, {"role": "robot", "content": "y"}]}])
+    line = assert_clean_failure(tmp_path, *run_filter(tmp_path, data, models=tiny_models),
+                                str(data), "row 2", "messages[1].role", "unknown role 'robot'")
+    assert line == (f"{ERROR_PREFIX}{data}: row 2: field 'messages[1].role': "
+                    "unknown role 'robot' (expected one of system, user, assistant)")
+
+
+def test_missing_role(tmp_path, tiny_models):
+    data = write_jsonl(tmp_path / "data.jsonl", [GOOD_ROWS[0], {
+        "messages": [{"content": "x"}, {"role": "assistant", "content": "y"}]}])
+    assert_clean_failure(tmp_path, *run_filter(tmp_path, data, models=tiny_models),
+                         str(data), "row 1", "messages[0]", "missing 'role'")
+
+
+def test_empty_assistant_turn(tmp_path, tiny_models):
+    data = write_jsonl(tmp_path / "data.jsonl", [*GOOD_ROWS, chat("x", "  ")])
+    assert_clean_failure(tmp_path, *run_filter(tmp_path, data, models=tiny_models),
+                         str(data), "row 2", "messages[1].content", "empty assistant turn")
+
+
+def test_content_of_wrong_type(tmp_path, tiny_models):
+    data = write_jsonl(tmp_path / "data.jsonl", [GOOD_ROWS[0], {
+        "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": 42}]}])
+    assert_clean_failure(tmp_path, *run_filter(tmp_path, data, models=tiny_models),
+                         str(data), "row 1", "messages[1].content", "expected a string, got int")
+
+
+def test_prompt_of_wrong_type(tmp_path, tiny_models):
+    data = write_jsonl(tmp_path / "data.jsonl", [{"prompt": ["x"], "completion": "y"}])
+    assert_clean_failure(tmp_path, *run_filter(tmp_path, data, models=tiny_models),
+                         str(data), "row 0", "field 'prompt'", "expected a string, got list")
+
+
+def test_unknown_row_shape(tmp_path, tiny_models):
+    data = write_jsonl(tmp_path / "data.jsonl", [GOOD_ROWS[0], {"text": "x"}])
+    assert_clean_failure(tmp_path, *run_filter(tmp_path, data, models=tiny_models),
+                         str(data), "row 1", "no known row shape")
+
+
+def test_empty_file(tmp_path, tiny_models):
+    data = tmp_path / "data.jsonl"
+    data.write_text("", encoding="utf-8")
+    line = assert_clean_failure(tmp_path, *run_filter(tmp_path, data, models=tiny_models), str(data), "no rows")
+    assert line == f"{ERROR_PREFIX}{data}: the input has no rows"
+
+
+def test_missing_input_file(tmp_path, tiny_models):
+    data = tmp_path / "missing.jsonl"
+    assert_clean_failure(tmp_path, *run_filter(tmp_path, data, models=tiny_models), str(data), "no such file")
+
+
+def test_column_remap_to_missing_column(tmp_path, tiny_models):
+    data = write_jsonl(tmp_path / "data.jsonl", [{"question": "q", "answer": "a"}])
+    assert_clean_failure(tmp_path, *run_filter(tmp_path, data, "--column", "prompt=q", "--column", "completion=a",
+                                                models=tiny_models),
+                         str(data), "row 0", "no known row shape")
+
+
+# ------------------------------------------------------------------------------------------------ bad options
+
+
+@pytest.mark.parametrize("ratio", ["-0.1", "1.5"])
+def test_ratio_outside_unit_interval(tmp_path, tiny_models, ratio):
+    data = write_jsonl(tmp_path / "data.jsonl", GOOD_ROWS)
+    line = assert_clean_failure(tmp_path, *run_filter(tmp_path, data, "--ratio", ratio, models=tiny_models),
+                                "--ratio must be within [0, 1]", f"got {float(ratio)}")
+    assert line == f"{ERROR_PREFIX}--ratio must be within [0, 1], got {float(ratio)}"
+    assert not (tmp_path / "out-run").exists()  # refused before anything is written
+
+
+def test_column_without_equals(tmp_path, tiny_models):
+    data = write_jsonl(tmp_path / "data.jsonl", GOOD_ROWS)
+    line = assert_clean_failure(tmp_path, *run_filter(tmp_path, data, "--column", "prompt", models=tiny_models),
+                                "--column expects canonical=actual", "'prompt'")
+    assert line == f"{ERROR_PREFIX}--column expects canonical=actual, got 'prompt'"
+    assert not (tmp_path / "out-run").exists()
+
+
+def test_missing_template_file(tmp_path, tiny_models):
+    data = write_jsonl(tmp_path / "data.jsonl", GOOD_ROWS)
+    missing = tmp_path / "nope.jinja"
+    assert_clean_failure(tmp_path, *run_filter(tmp_path, data, "--template", str(missing), models=tiny_models),
+                         "--template must be chat, paper or a Jinja file", str(missing))
+
+
+# ------------------------------------------------------------------------------------------------- bad models
+
+
+def test_missing_model_path(tmp_path, tiny_models):
+    data = write_jsonl(tmp_path / "data.jsonl", GOOD_ROWS)
+    line = assert_clean_failure(
+        tmp_path, *run_filter(tmp_path, data, safety="/nonexistent", utility=str(tiny_models["base"])),
+        "--safety-model", "/nonexistent",
+    )
+    assert line == f"{ERROR_PREFIX}--safety-model: no such model directory: /nonexistent"
+    assert not (tmp_path / "out-run").exists()
+
+
+def test_model_directory_without_config(tmp_path, tiny_models):
+    data = write_jsonl(tmp_path / "data.jsonl", GOOD_ROWS)
+    (tmp_path / "empty_model").mkdir()
+    assert_clean_failure(
+        tmp_path, *run_filter(tmp_path, data, safety=str(tiny_models["base"]), utility=str(tmp_path / "empty_model")),
+        "--utility-model", "neither config.json", "adapter_config.json",
+    )
+
+
+def test_adapter_on_a_base_it_does_not_fit(tmp_path, tiny_models):
+    data = write_jsonl(tmp_path / "data.jsonl", GOOD_ROWS)
+    line = assert_clean_failure(
+        tmp_path, *run_filter(tmp_path, data, "--base-model", str(tiny_models["other_base"]), "--quiet",
+                              models=tiny_models),
+        "does not fit the base model", str(tiny_models["other_base"]),
+    )
+    assert line.startswith(f"{ERROR_PREFIX}--safety-model {tiny_models['safety']} does not fit the base model ")
+
+
+def test_tokenizers_that_differ(tmp_path, tiny_models):
+    from transformers import AutoTokenizer
+
+    different = tmp_path / "different"
+    shutil.copytree(tiny_models["base"], different)
+    tokenizer = AutoTokenizer.from_pretrained(different)
+    assert tokenizer.add_tokens(["<|extra_token|>"]) == 1
+    tokenizer.save_pretrained(different)
+    data = write_jsonl(tmp_path / "data.jsonl", GOOD_ROWS)
+    line = assert_clean_failure(
+        tmp_path, *run_filter(tmp_path, data, safety=str(different), utility=str(tiny_models["base"])),
+        "different tokenizers", "vocabularies",
+    )
+    assert "bos_token" not in line and "chat_template" not in line
+
+
+# ------------------------------------------------------------------------------------------- the real console
+
+
+def test_console_script_exit_code_and_stderr(tmp_path, tiny_models):
+    """The installed entry point (not CliRunner): exit status 2, the error alone on stderr, nothing on stdout."""
+    script = Path(sys.executable).with_name("toss-filter")
+    if not script.exists():
+        pytest.skip("toss-filter entry point not installed in this environment")
+    data = write_jsonl(tmp_path / "data.jsonl", [GOOD_ROWS[0], chat("x", "")])
+    completed = subprocess.run(
+        [str(script), "filter", str(data), "--safety-model", str(tiny_models["safety"]),
+         "--utility-model", str(tiny_models["utility"]), "--output", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert completed.returncode == 2
+    assert completed.stdout == ""
+    assert completed.stderr == (f"{ERROR_PREFIX}{data}: row 1: field 'messages[1].content': empty assistant turn\n")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out-rejected").exists()
