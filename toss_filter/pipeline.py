@@ -100,7 +100,7 @@ def score(config: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
     todo = [s for s in range(shards) if not run.shard_path(key, s).exists()]
     ids_flat, offsets = list_column(tokens, "input_ids")
     labels_flat, _ = list_column(tokens, "labels")
-    scorer = TorchScorer(device, config.max_batch_tokens)
+    scorer = TorchScorer(references, device, config.max_batch_tokens)
     seconds = {role: 0.0 for role in ROLES}
     scored_tokens = 0
     with _progress(show_progress) as progress:
@@ -113,7 +113,6 @@ def score(config: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
             rows = [(ids_flat[offsets[i]:offsets[i + 1]], labels_flat[offsets[i]:offsets[i + 1]]) for i in range(first, last)]
             columns: dict[str, Any] = {"row": tokens.column("row").slice(first, last - first)}
             for role in ROLES:
-                model = references.model_for(role)
                 role_start, done = time.perf_counter(), [0]
 
                 def report(batch_rows: int, batch_tokens: int, role: str = role, role_start: float = role_start,
@@ -123,7 +122,7 @@ def score(config: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
                         rate = done[0] / max(time.perf_counter() - role_start, 1e-9)
                         progress.update(tasks[role], advance=batch_rows, rate=f"{rate:,.0f} tok/s")
 
-                nll = scorer.nll(model, rows, report)
+                nll = scorer.nll(role, rows, report)
                 seconds[role] += time.perf_counter() - role_start
                 flat = np.concatenate(nll) if nll else np.zeros(0, np.float32)
                 columns[f"nll_{role}"] = list_array(flat, offsets[first:last + 1] - offsets[first], pa.float32())

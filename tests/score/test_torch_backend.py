@@ -33,7 +33,7 @@ def direct_nll(model, ids: np.ndarray) -> np.ndarray:
 
 def test_each_score_equals_a_direct_model_call_at_that_position(tiny_models, rows):
     model = AutoModelForCausalLM.from_pretrained(tiny_models["base"]).eval()
-    nll = TorchScorer(max_batch_tokens=64).nll(model, rows)
+    nll = TorchScorer(max_batch_tokens=64).model_nll(model, rows)
     for (ids, labels), got in zip(rows, nll):
         expected = direct_nll(model, ids)
         response = (labels != -100) & (np.arange(len(ids)) > 0)
@@ -46,22 +46,22 @@ def test_adapters_on_a_shared_base_score_like_separately_loaded_peft_models(tiny
     specs = {role: resolve_spec(role, str(tiny_models[role]), None) for role in ("safety", "utility")}
     references = ReferenceModels(specs["safety"], specs["utility"], torch.float32, "cpu")
     assert references.shared_base
-    scorer = TorchScorer(max_batch_tokens=10_000)
+    scorer = TorchScorer(references, max_batch_tokens=10_000)
     for role in ("safety", "utility"):
-        got = scorer.nll(references.model_for(role), rows)
+        got = scorer.nll(role, rows)
         base = AutoModelForCausalLM.from_pretrained(tiny_models["base"])
         separate = PeftModel.from_pretrained(base, tiny_models[role]).eval()
         for (ids, labels), values in zip(rows, got):
             response = (labels != -100) & (np.arange(len(ids)) > 0)
             np.testing.assert_allclose(values[response], direct_nll(separate, ids)[response], atol=1e-4)
-    safety, utility = (scorer.nll(references.model_for(r), rows[:1])[0] for r in ("safety", "utility"))
+    safety, utility = (scorer.nll(r, rows[:1])[0] for r in ("safety", "utility"))
     assert np.nanmax(np.abs(safety - utility)) > 1e-3, "the two adapters must give different scores"
 
 
 def test_scores_do_not_depend_on_batching(tiny_models, rows):
     model = AutoModelForCausalLM.from_pretrained(tiny_models["base"]).eval()
-    one_by_one = TorchScorer(max_batch_tokens=1).nll(model, rows)
-    batched = TorchScorer(max_batch_tokens=100_000, logits_chunk=7).nll(model, rows)
+    one_by_one = TorchScorer(max_batch_tokens=1).model_nll(model, rows)
+    batched = TorchScorer(max_batch_tokens=100_000, logits_chunk=7).model_nll(model, rows)
     for a, b in zip(one_by_one, batched):
         np.testing.assert_allclose(a, b, atol=1e-4)
 

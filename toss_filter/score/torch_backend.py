@@ -1,8 +1,6 @@
 """The transformers/torch scorer: exact per-token NLL of response tokens under one reference model.
 
-Contract: `TorchScorer.nll(model, rows)` returns, for each row `(input_ids, labels)`, a float32 array `nll` with
-`len(nll) == len(input_ids)` where `nll[j] = -log p(input_ids[j] | input_ids[:j])` if `labels[j] != -100` and
-`j > 0`, and NaN everywhere else (prompt tokens, position 0, which has no prefix).
+Implements the `toss_filter.score.base.Scorer` contract; `model_nll(model, rows)` does the same for any causal LM.
 
 Where the time goes, and why it is organised this way:
 - Rows are sorted by length and packed into batches by a token budget (padded length × rows), so padding is
@@ -15,14 +13,15 @@ Where the time goes, and why it is organised this way:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from toss_filter.errors import ConfigError
-
-TokenRow = tuple[np.ndarray, np.ndarray]  # (input_ids, labels), both 1-D int arrays of one length
+from toss_filter.score.base import ProgressCallback, TokenRow, scored_positions
+from toss_filter.score.models import ReferenceModels
 
 
 def length_sorted_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
@@ -55,14 +54,23 @@ def _final_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 class TorchScorer:
-    def __init__(self, device: str = "cpu", max_batch_tokens: int = 4096, logits_chunk: int = 1024):
-        self.device, self.max_batch_tokens, self.logits_chunk = device, max_batch_tokens, logits_chunk
+    def __init__(self, references: ReferenceModels | None = None, device: str = "cpu", max_batch_tokens: int = 4096,
+                 logits_chunk: int = 1024):
+        self.references, self.device = references, device
+        self.max_batch_tokens, self.logits_chunk = max_batch_tokens, logits_chunk
         self._checked: set[int] = set()
 
+    def nll(self, role: str, rows: Sequence[TokenRow], on_batch: ProgressCallback | None = None) -> list[np.ndarray]:
+        assert self.references is not None, "TorchScorer was built without references"
+        return self.model_nll(self.references.model_for(role), rows, on_batch)
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "torch", "device": self.device, "max_batch_tokens": self.max_batch_tokens}
+
     @torch.inference_mode()
-    def nll(self, model: torch.nn.Module, rows: Sequence[TokenRow],
-            on_batch: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
-        """Per-token NLL arrays for `rows` (see the module contract). `on_batch(rows, tokens)` reports progress."""
+    def model_nll(self, model: torch.nn.Module, rows: Sequence[TokenRow],
+                  on_batch: ProgressCallback | None = None) -> list[np.ndarray]:
+        """Per-token NLL arrays for `rows` under `model`, as in the `Scorer` contract."""
         if id(model) not in self._checked and rows:
             self._check_head_matches_forward(model, rows[0])
             self._checked.add(id(model))
@@ -81,7 +89,7 @@ class TorchScorer:
         for b, (ids, labels) in enumerate(rows):
             input_ids[b, : len(ids)] = torch.from_numpy(np.asarray(ids, dtype=np.int64))
             attention[b, : len(ids)] = 1
-            scored[b, 1 : len(ids)] = torch.from_numpy(np.asarray(labels[1:]) != -100)
+            scored[b, : len(ids)] = torch.from_numpy(scored_positions(labels))
         if not scored.any():
             return
         input_ids, attention = input_ids.to(self.device), attention.to(self.device)

@@ -1,0 +1,33 @@
+"""The contract every scoring backend implements; `select` never knows which backend produced the numbers.
+
+    scorer.nll(role, rows, on_batch) -> list[np.ndarray]
+
+- `role` is "safety" or "utility".
+- `rows[i]` is `(input_ids, labels)`: two 1-D int arrays of one length, from `toss_filter.data.tokenize`.
+- The result's i-th array is float32 with `len == len(input_ids)`: `-log p(input_ids[j] | input_ids[:j])` under
+  that role's model where `labels[j] != -100` and `j > 0`, and NaN everywhere else.
+- `on_batch(rows_done, tokens_done)` is called as work completes, for progress bars.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+TokenRow = tuple[np.ndarray, np.ndarray]
+ProgressCallback = Callable[[int, int], None]
+
+
+class Scorer(Protocol):
+    def nll(self, role: str, rows: Sequence[TokenRow], on_batch: ProgressCallback | None = None) -> list[np.ndarray]: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def scored_positions(labels: np.ndarray) -> np.ndarray:
+    """Positions that get a score: response tokens with a prefix to predict them from."""
+    mask = np.asarray(labels) != -100
+    mask[:1] = False
+    return mask
