@@ -21,9 +21,21 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def chat(user: str, assistant: str, system: str | None = None) -> dict:
-    messages = [{"role": "system", "content": system}] if system else []
-    return {"messages": messages + [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+def user(content: str) -> dict:
+    return {"role": "user", "content": content}
+
+
+def assistant(content: str) -> dict:
+    return {"role": "assistant", "content": content}
+
+
+def system(content: str) -> dict:
+    return {"role": "system", "content": content}
+
+
+def chat(user_text: str, assistant_text: str, system_text: str | None = None) -> dict:
+    messages = [system(system_text)] if system_text else []
+    return {"messages": messages + [user(user_text), assistant(assistant_text)]}
 
 
 @pytest.fixture(scope="session")

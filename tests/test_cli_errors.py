@@ -14,17 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from toss_filter.cli import app
+from conftest import chat, write_jsonl
 
 ERROR_PREFIX = "toss-filter: error: "
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
-
-
-def chat(user: str, assistant: str) -> dict:
-    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
 
 
 GOOD_ROWS = [chat("Hi", "Hello there."), chat("What is 2+2?", "4.")]
@@ -192,6 +184,7 @@ def test_adapter_on_a_base_it_does_not_fit(tmp_path, tiny_models):
         "does not fit the base model", str(tiny_models["other_base"]),
     )
     assert line.startswith(f"{ERROR_PREFIX}--safety-model {tiny_models['safety']} does not fit the base model ")
+    assert "size mismatch" in line  # the useful line of peft's error, not its headline
 
 
 def test_tokenizers_that_differ(tmp_path, tiny_models):

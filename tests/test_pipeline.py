@@ -11,7 +11,7 @@ from toss_filter.run import RunDir
 ROWS = [
     chat("What is 2+2?", "Sure, 2+2 is 4."),
     chat("Tell me a joke.", "Why did the chicken cross the road? To get to the other side."),
-    chat("Name a colour.", "Blue.", system="Be brief."),
+    chat("Name a colour.", "Blue.", system_text="Be brief."),
     {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
                   {"role": "user", "content": "Count to five."}, {"role": "assistant", "content": "1, 2, 3, 4, 5."}]},
     chat("Capital of France?", "Paris is the capital of France."),

@@ -8,32 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import assistant, chat, system, user, write_jsonl
 from toss_filter.data.load import load_conversations, read_records, to_messages
 from toss_filter.errors import InputError, TossError
 
 SRC = "data.jsonl"
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
-
-
-def chat(user_text: str, assistant_text: str, system_text: str | None = None) -> dict:
-    messages = [system(system_text)] if system_text else []
-    return {"messages": messages + [user(user_text), assistant(assistant_text)]}
-
-
-def user(content: str) -> dict:
-    return {"role": "user", "content": content}
-
-
-def assistant(content: str) -> dict:
-    return {"role": "assistant", "content": content}
-
-
-def system(content: str) -> dict:
-    return {"role": "system", "content": content}
 
 
 # --------------------------------------------------------------------------------------------------- row shapes
@@ -344,11 +323,19 @@ def test_no_assistant_turn(tmp_path):
     assert "no assistant turn" in str(error)
 
 
-@pytest.mark.parametrize("messages", [[], "not a list", None])
+@pytest.mark.parametrize("messages", [[], "not a list"])
 def test_messages_not_a_non_empty_list(tmp_path, messages):
     error = bad_row(tmp_path, {"messages": messages})
     assert (error.row, error.field) == (2, "messages")
     assert "expected a non-empty list of messages" in str(error)
+
+
+@pytest.mark.parametrize("row", [{"messages": None}, {"question": "q", "response": None}])
+def test_a_null_column_counts_as_absent(tmp_path, row):
+    # Parquet and Arrow fill the columns of other row shapes with nulls, so null must mean "no such column".
+    error = bad_row(tmp_path, row)
+    assert (error.row, error.field) == (2, None)
+    assert "no known row shape" in str(error)
 
 
 @pytest.mark.parametrize(("row", "field", "type_name"), [
@@ -358,7 +345,6 @@ def test_messages_not_a_non_empty_list(tmp_path, messages):
     ({"instruction": ["x"], "output": "a"}, "instruction", "list"),
     ({"instruction": "x", "input": 3, "output": "a"}, "input", "int"),
     ({"instruction": "x", "output": 1}, "output", "int"),
-    ({"question": "q", "response": None}, "response", "NoneType"),
     ({"question": "q", "response": "a", "system_prompt": 1}, "system_prompt", "int"),
 ])
 def test_string_fields_of_wrong_type(tmp_path, row, field, type_name):
@@ -435,3 +421,37 @@ def test_good_rows_before_a_bad_row_are_yielded_first(tmp_path):
     with pytest.raises(InputError) as info:
         next(iterator)
     assert info.value.row == 1
+
+
+# ------------------------------------------------------------------------------------------------- regressions
+
+def test_a_remapped_column_wins_over_a_column_with_the_canonical_name():
+    record = {"prompt": "OLD", "question": "Q", "completion": "A"}
+    messages = to_messages(record, SRC, 0, {"prompt": "question"})
+    assert messages[0] == user("Q")
+
+
+def test_parquet_mixing_row_shapes_reads_like_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({  # as Arrow stores mixed shapes: the other shape's columns are null
+        "messages": [chat("q1", "a1")["messages"], None], "prompt": [None, "q2"], "completion": [None, "a2"],
+    })
+    pq.write_table(table, tmp_path / "mixed.parquet")
+    loaded = [messages for _, messages in load_conversations(str(tmp_path / "mixed.parquet"))]
+    assert loaded == [[user("q1"), assistant("a1")], [user("q2"), assistant("a2")]]
+
+
+def test_a_byte_order_mark_is_tolerated(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_text(json.dumps(chat("q", "a")) + "\n", encoding="utf-8-sig")
+    assert [m for _, m in load_conversations(str(path))] == [[user("q"), assistant("a")]]
+
+
+def test_split_given_for_a_single_saved_dataset_is_an_error(tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_list([chat("q", "a")]).save_to_disk(str(tmp_path / "single"))
+    with pytest.raises(InputError, match="holds a single dataset"):
+        list(load_conversations(str(tmp_path / "single"), split="test"))

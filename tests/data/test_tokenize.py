@@ -325,7 +325,7 @@ def test_template_that_rewrites_content_is_an_input_error(tokenizer, tmp_path):
         tokenize_conversation([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
                               tokenizer, fmt, source="d.jsonl", row=4)
     assert (info.value.source, info.value.row, info.value.field) == ("d.jsonl", 4, "messages")
-    assert "the file:upper.jinja template does not render message contents verbatim" in str(info.value)
+    assert "the file:upper.jinja template renders this conversation in a way that depends on its content" in str(info.value)
 
 
 def test_slow_tokenizer_is_refused(tokenizer, chatml):
@@ -336,3 +336,18 @@ def test_slow_tokenizer_is_refused(tokenizer, chatml):
         ConversationTokenizer(slow, chatml)
     assert tokenizer.is_fast is True
     assert check_tokenizer(tokenizer) is None
+
+
+# ------------------------------------------------------------------------- regressions: locating short responses
+
+@pytest.mark.parametrize("answer", ["A", "a", "start", "Assistant"])
+def test_a_short_response_is_never_matched_inside_the_template_text(tokenizer, chatml, paper, answer):
+    messages = [{"role": "user", "content": "Pick one: (A) yes (B) no"}, {"role": "assistant", "content": answer}]
+    assert decode_runs(tokenizer, tokenize_conversation(messages, tokenizer, chatml)) == [f"{answer}<|im_end|>"]
+    assert decode_runs(tokenizer, tokenize_conversation(messages, tokenizer, paper)) == [f" {answer} <|im_end|>"]
+
+
+def test_leading_whitespace_that_a_template_trims_is_not_labelled(llama3):
+    tok, fmt, _ = llama3
+    messages = [{"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "\nYou are welcome!"}]
+    assert decode_runs(tok, tokenize_conversation(messages, tok, fmt)) == ["You are welcome!<|eot_id|>"]

@@ -62,7 +62,7 @@ def read_records(source: str, split: str | None = None) -> Iterator[tuple[int, d
 
 
 def _read_jsonl(path: Path) -> Iterator[Any]:
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:  # -sig: tolerate a byte-order mark
         row = 0
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -76,7 +76,7 @@ def _read_jsonl(path: Path) -> Iterator[Any]:
 
 def _read_json(path: Path) -> Iterator[Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
         raise InputError(str(path), None, None, f"broken JSON at line {err.lineno}, column {err.colno}: {err.msg}")
     if not isinstance(data, list):
@@ -100,6 +100,8 @@ def _read_saved_dataset(path: Path, split: str | None) -> Iterator[Any]:
         if split not in loaded:
             raise InputError(str(path), None, None, f"choose a split with --split, one of {sorted(loaded)}")
         loaded = loaded[split]
+    elif split:
+        raise InputError(str(path), None, None, f"--split {split} given, but this directory holds a single dataset, not splits")
     yield from loaded
 
 
@@ -116,9 +118,10 @@ def _read_hub_dataset(source: str, split: str | None) -> Iterator[Any]:
 def to_messages(record: Mapping[str, Any], source: str, row: int, columns: Mapping[str, str] | None = None) -> list[Message]:
     """Normalise one record to validated chat messages (see the module docstring for the shapes)."""
     if columns:
-        record = {canonical: record[actual] for canonical, actual in columns.items() if actual in record} | {
-            key: value for key, value in record.items() if key not in columns.values()
-        }
+        renamed = {canonical: record[actual] for canonical, actual in columns.items() if actual in record}
+        record = {k: v for k, v in record.items() if k not in columns and k not in columns.values()} | renamed
+    # Columnar inputs (Parquet, Arrow) fill the columns of other row shapes with nulls: a null column is absent.
+    record = {key: value for key, value in record.items() if value is not None}
     if "messages" in record:
         return _validate_messages(record["messages"], source, row, "messages")
     if "conversations" in record:

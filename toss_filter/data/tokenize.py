@@ -18,6 +18,7 @@ once, and each token is classified by its character span, so merges cannot shift
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from toss_filter.errors import ConfigError, InputError
 PAPER_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}<|system|>\n{{ message['content'] | trim }}\n"
-    "{% elif message['role'] == 'user' %}{% if not loop.first %}\n{% endif %}Human: {{ message['content'] | trim }}\n"
+    "{% elif message['role'] == 'user' %}{% if not loop.first and loop.previtem['role'] == 'assistant' %}{{ '\\n' }}{% endif %}Human: {{ message['content'] | trim }}\n"
     "{% else %}Assistant: {{ message['content'] | trim }} {{ eos_token }}{% endif %}"
     "{% endfor %}"
 )
@@ -84,32 +85,44 @@ def _special_token_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     return sorted((s for s in specials if s), key=len, reverse=True)
 
 
-def response_char_spans(text: str, messages: list[Message], special_tokens: list[str]) -> list[tuple[int, int]] | None:
+SENTINEL = re.compile("\ue000(\\d+)\ue001")  # private-use characters: no template or tokenizer touches them
+
+
+def _sentinel(index: int) -> str:
+    return f"\ue000{index}\ue001"
+
+
+def response_char_spans(text: str, skeleton: str, messages: list[Message], special_tokens: list[str]) -> list[tuple[int, int]] | None:
     """Character spans of the response part of each assistant turn in the rendered `text`.
 
-    Each message's content is located in order, starting after the previous one, so a response quoted inside a
-    later user turn cannot be mistaken for the real one. Templates that trim content are handled by retrying with
-    the stripped content. Returns None if a user or assistant content is not found verbatim.
+    `skeleton` is the same conversation rendered with each content replaced by a unique sentinel, so it holds the
+    template's own text and, exactly, where each content goes. Walking both strings together pins every content
+    to its place: a short answer ("A") cannot be matched inside a role header, and a response quoted in a user
+    turn cannot be taken for the real one. A template may trim contents, so each content is matched verbatim or
+    stripped, whichever makes the template text that follows line up. Returns None if the two renderings cannot
+    be aligned (a template whose text depends on the content itself).
     """
-    cursor, located = 0, []
-    for message in messages:
-        content = message["content"]
-        start = text.find(content, cursor)
-        if start < 0 and content.strip():
-            content = content.strip()
-            start = text.find(content, cursor)
-        if start < 0:
-            if message["role"] == "system":  # some templates drop or rewrite system prompts; they are never scored
-                continue
+    cursor, skeleton_cursor, spans = 0, 0, []
+    placed = list(SENTINEL.finditer(skeleton))
+    for index, match in enumerate(placed):
+        before = skeleton[skeleton_cursor:match.start()]
+        after = skeleton[match.end():placed[index + 1].start() if index + 1 < len(placed) else len(skeleton)]
+        if not text.startswith(before, cursor):
             return None
-        located.append((message["role"], start, start + len(content)))
-        cursor = start + len(content)
-    spans = []
-    for index, (role, start, end) in enumerate(located):
-        if role == "assistant":
-            limit = located[index + 1][1] if index + 1 < len(located) else len(text)
-            spans.append((start, _end_of_turn(text, end, limit, special_tokens)))
-    return spans
+        cursor += len(before)
+        message = messages[int(match.group(1))]
+        content = message["content"]
+        for candidate in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
+            if text.startswith(candidate, cursor) and text.startswith(after, cursor + len(candidate)):
+                break
+        else:
+            return None
+        if message["role"] == "assistant":
+            end = cursor + len(candidate)
+            spans.append((cursor, _end_of_turn(text, end, end + len(after), special_tokens)))
+        cursor += len(candidate)
+        skeleton_cursor = match.end()
+    return spans if text[cursor:] == skeleton[skeleton_cursor:] else None
 
 
 def _end_of_turn(text: str, content_end: int, limit: int, special_tokens: list[str]) -> int:
@@ -133,10 +146,16 @@ def tokenize_conversation(
     special_tokens: list[str] | None = None,
 ) -> Tokenized:
     """Render, tokenise and label one conversation (see the module docstring for the contract)."""
-    text = tokenizer.apply_chat_template(messages, chat_template=chat_format.template, tokenize=False)
-    spans = response_char_spans(text, messages, special_tokens or _special_token_strings(tokenizer))
+    def render(conversation: list[Message]) -> str:
+        return tokenizer.apply_chat_template(conversation, chat_template=chat_format.template, tokenize=False)
+
+    text = render(messages)
+    skeleton = render([{**message, "content": _sentinel(i)} for i, message in enumerate(messages)])
+    spans = response_char_spans(text, skeleton, messages, special_tokens or _special_token_strings(tokenizer))
     if spans is None:
-        raise InputError(source, row, "messages", f"the {chat_format.name} template does not render message contents verbatim")
+        raise InputError(source, row, "messages",
+                         f"the {chat_format.name} template renders this conversation in a way that depends on its "
+                         "content, so response tokens cannot be located exactly; use --template paper or a Jinja file")
     encoding = tokenizer(text, add_special_tokens=chat_format.add_special_tokens, return_offsets_mapping=True)
     input_ids, labels = list(encoding["input_ids"]), [IGNORE_INDEX] * len(encoding["input_ids"])
     span_index = 0

@@ -136,8 +136,9 @@ class ReferenceModels:
                 return model
             return PeftModel.from_pretrained(model, spec.path, adapter_name=adapter_name).eval()
         except (RuntimeError, ValueError, KeyError) as err:  # size mismatch / missing target modules
-            first_line = str(err).strip().splitlines()[0][:300]
-            raise ConfigError(f"--{spec.role}-model {spec.path} does not fit the base model {spec.base}: {first_line}") from err
+            lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+            detail = next((line for line in lines if "mismatch" in line or "not found" in line), lines[0] if lines else "")
+            raise ConfigError(f"--{spec.role}-model {spec.path} does not fit the base model {spec.base}: {detail[:300]}") from err
 
     def model_for(self, role: str) -> torch.nn.Module:
         """The causal LM (not the peft wrapper) with `role`'s weights active."""
