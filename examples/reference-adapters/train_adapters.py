@@ -53,6 +53,7 @@ def train_one(name: str, rows: int, epochs: float, lr: float, rank: int, max_len
     result = trainer.train()
     model.peft_config["default"].base_model_name_or_path = EMBEDDED_MODEL_ID
     model.save_pretrained(out)
+    (out / "README.md").unlink(missing_ok=True)  # peft's placeholder card; README.md beside this script documents both
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     (out / "training.json").write_text(json.dumps({
         "data": str(TRAINING_SETS[name].relative_to(HERE.parent.parent)), "rows": len(dataset),
