@@ -10,10 +10,15 @@ Contract of `Tokenized` for one conversation:
   `<|eot_id|>`, `</s>`), with any whitespace between the two. A token that straddles the boundary between
   prompt and response (" Sure" after "Assistant:") counts as a response token.
 
+How responses are found: the conversation is rendered twice, once as is and once with every content replaced by a
+unique sentinel. The sentinel rendering is the template's own text with the exact slot of each content, so walking
+the two renderings together gives each response's character span (see `response_char_spans`). The text is then
+tokenised once with offsets, and a token is a response token if its characters overlap a response span.
+
 Why character offsets: the authors tokenised the prompt on its own and masked that many tokens. When the last
 prompt character merges with the first response character into one token, that mask is one token too long and
-the first response token is never scored or trained. Here the whole conversation is rendered once, tokenised
-once, and each token is classified by its character span, so merges cannot shift the boundary.
+the first response token is never scored or trained. Classifying each token of one tokenisation by its character
+span means merges cannot shift the boundary.
 """
 
 from __future__ import annotations
