@@ -24,9 +24,11 @@ span means merges cannot shift the boundary.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 from transformers import PreTrainedTokenizerBase
 
 from toss_filter.data.load import Message
@@ -190,3 +192,25 @@ class ConversationTokenizer:
             messages, self.tokenizer, self.chat_format, self.max_length,
             source=source, row=row, special_tokens=self.special_tokens,
         )
+
+
+def tokenize_rows(conversations: Iterable[tuple[int, list[Message]]], encode: ConversationTokenizer,
+                  source: str) -> pa.Table:
+    """Every conversation as one table row, in input order.
+
+    Columns: `row` (int64, the input row index), `input_ids` and `labels` (list<int32>, see `Tokenized`),
+    `truncated` (bool).
+    """
+    rows, input_ids, labels, truncated = [], [], [], []
+    for row, messages in conversations:
+        tokens = encode(messages, source, row)
+        rows.append(row)
+        input_ids.append(tokens.input_ids)
+        labels.append(tokens.labels)
+        truncated.append(tokens.truncated)
+    return pa.table({
+        "row": pa.array(rows, pa.int64()),
+        "input_ids": pa.array(input_ids, pa.list_(pa.int32())),
+        "labels": pa.array(labels, pa.list_(pa.int32())),
+        "truncated": pa.array(truncated, pa.bool_()),
+    })

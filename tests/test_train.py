@@ -1,0 +1,45 @@
+import json
+
+import pytest
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from conftest import chat, write_jsonl
+from toss_filter import ScoreConfig, score
+from toss_filter.errors import ConfigError
+from toss_filter.run import RunDir, tokens_digest
+from toss_filter.train import TrainRefConfig, train_reference
+
+ROWS = [chat(f"What is {i} plus {i}?", f"Sure! {i} plus {i} is {2 * i}. Happy to help.") for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_models):
+    root = tmp_path_factory.mktemp("train")
+    data = write_jsonl(root / "data.jsonl", ROWS)
+    config = TrainRefConfig(str(data), str(tiny_models["base"]), str(root / "adapter"), learning_rate=5e-3,
+                            epochs=4, batch_size=4, micro_batch_size=2, target_modules=["all-linear"], rank=4)
+    return data, root / "adapter", train_reference(config)
+
+
+def test_train_ref_writes_a_loadable_adapter_whose_loss_went_down(trained, tiny_models):
+    _, adapter, record = trained
+    assert record["final_loss"] < record["first_loss"]
+    assert record["rows_trained"] == len(ROWS) and record["optimizer_steps"] == 8  # 4 epochs × 8 rows / batch 4
+    assert json.loads((adapter / "training.json").read_text())["data_sha256"] == record["data_sha256"]
+    assert not (adapter / "README.md").exists()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_models["base"]), adapter)
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_models["base"]) and config["r"] == 4
+
+
+def test_train_ref_and_filter_see_identical_tokens_and_masks(trained, tiny_models, tmp_path):
+    data, adapter, record = trained
+    score(ScoreConfig(str(data), str(adapter), str(tiny_models["utility"]), str(tmp_path / "run")), show_progress=False)
+    assert tokens_digest(RunDir(tmp_path / "run").read_tokens()) == record["data_sha256"]
+
+
+def test_batch_size_must_be_a_multiple_of_the_micro_batch(tmp_path):
+    with pytest.raises(ConfigError, match="multiple"):
+        TrainRefConfig("d.jsonl", "base", str(tmp_path / "a"), batch_size=10, micro_batch_size=4)

@@ -1,0 +1,138 @@
+"""Reference-model training: LoRA SFT on response tokens only, with the same tokenization that `filter` scores.
+
+`train_reference(TrainRefConfig(...))` builds a safety-degraded reference (train it on harmful compliant Q&A) or a
+utility-oriented one (train it on benign task data). Its defaults are the paper's recipe: r=16, alpha=16,
+q_proj/v_proj, lr 1e-5 constant, 2 epochs, global batch 64 through gradient accumulation, max length 2048. At
+small scale that recipe barely moves a model; `--target-modules all-linear --learning-rate 1e-3` moves it far more
+(see examples/reference-adapters/README.md).
+
+Output: a standard PEFT adapter directory plus `training.json`: a hash of the tokenized data, row and token
+counts, first and final loss, and the settings. The directory is written to a temporary sibling and renamed into
+place when training has finished.
+
+`fit_adapter` is the training step on its own (a peft model and `input_ids`/`labels` rows in, losses out); the
+TOSS-Pro refinement reuses it on labels restricted to the flagged tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, PreTrainedTokenizerBase
+from transformers import Trainer, TrainingArguments
+
+from toss_filter.data.load import load_conversations
+from toss_filter.data.tokenize import IGNORE_INDEX, ConversationTokenizer, resolve_format, tokenize_rows
+from toss_filter.default_model import resolve_model_path
+from toss_filter.errors import ConfigError
+from toss_filter.run import package_versions, replace_dir, staging_dir, tokens_digest
+
+
+@dataclass
+class TrainRefConfig:
+    """A reference adapter: which data, which base, which LoRA and optimiser settings (defaults: the paper's)."""
+
+    data: str
+    base_model: str
+    output: str
+    split: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    template: str = "chat"
+    max_length: int = 2048
+    rank: int = 16
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    learning_rate: float = 1e-5
+    epochs: float = 2.0
+    batch_size: int = 64
+    micro_batch_size: int = 4
+    seed: int = 42
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
+            raise ConfigError("--batch-size must be a positive multiple of --micro-batch-size")
+        if self.learning_rate <= 0 or self.epochs <= 0 or self.rank < 1:
+            raise ConfigError("--learning-rate, --epochs and --rank must be positive")
+
+
+def fit_adapter(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: Dataset, *, learning_rate: float,
+                epochs: float, batch_size: int, micro_batch_size: int, seed: int) -> list[float]:
+    """Train the trainable (LoRA) weights of `model` on `rows` (`input_ids`, `labels`; loss on labels != -100 only)
+    with a constant learning rate. Returns the logged loss of every optimiser step."""
+    with tempfile.TemporaryDirectory(prefix="toss-train-") as scratch:
+        args = TrainingArguments(
+            output_dir=scratch, num_train_epochs=epochs, learning_rate=learning_rate, lr_scheduler_type="constant",
+            per_device_train_batch_size=micro_batch_size, gradient_accumulation_steps=batch_size // micro_batch_size,
+            logging_steps=1, save_strategy="no", report_to=[], seed=seed, use_cpu=not torch.cuda.is_available(),
+            bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), disable_tqdm=True,
+        )
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
+        trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def trainable_rows(tokens: pa.Table) -> Dataset:
+    """The rows of a `tokenize_rows` table that have a label to learn (position 0 never reaches the loss)."""
+    labels = tokens.column("labels").to_pylist()
+    keep = [i for i, row_labels in enumerate(labels) if any(label != IGNORE_INDEX for label in row_labels[1:])]
+    return Dataset.from_dict({
+        "input_ids": [tokens.column("input_ids")[i].as_py() for i in keep],
+        "labels": [labels[i] for i in keep],
+    })
+
+
+def train_reference(config: TrainRefConfig) -> dict[str, Any]:
+    """Train one reference adapter; returns what is written to OUTPUT/training.json."""
+    from peft import LoraConfig, get_peft_model
+
+    base_path = resolve_model_path(config.base_model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=config.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32,
+                                                     trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--base-model: cannot load {config.base_model}: {err}") from err
+    encode = ConversationTokenizer(tokenizer, resolve_format(tokenizer, config.template), config.max_length)
+    tokens = tokenize_rows(load_conversations(config.data, config.split, config.columns), encode, config.data)
+    rows = trainable_rows(tokens)
+    if len(rows) == 0:
+        raise ConfigError(f"{config.data}: no row has a response token to train on")
+
+    torch.manual_seed(config.seed)
+    targets: str | list[str] = "all-linear" if config.target_modules == ["all-linear"] else config.target_modules
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets,
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    losses = fit_adapter(model, tokenizer, rows, learning_rate=config.learning_rate, epochs=config.epochs,
+                         batch_size=config.batch_size, micro_batch_size=config.micro_batch_size, seed=config.seed)
+    # Record the name the user gave (a Hub id stays portable), not a local cache path.
+    model.peft_config["default"].base_model_name_or_path = config.base_model
+
+    output = Path(config.output)
+    staging = staging_dir(output)
+    model.save_pretrained(staging)
+    (staging / "README.md").unlink(missing_ok=True)  # peft's placeholder card says nothing true about this adapter
+    label_counts = np.array([sum(label != IGNORE_INDEX for label in row) for row in rows["labels"]])
+    record = {
+        "data": config.data, "data_sha256": tokens_digest(tokens), "rows_in": tokens.num_rows, "rows_trained": len(rows),
+        "rows_without_response_token": tokens.num_rows - len(rows),
+        "rows_truncated": int(sum(tokens.column("truncated").to_pylist())),
+        "response_tokens": int(label_counts.sum()), "optimizer_steps": len(losses),
+        "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+        "settings": {key: value for key, value in vars(config).items() if key not in ("data", "output")},
+        "versions": package_versions(),
+    }
+    (staging / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    replace_dir(staging, output)
+    return record
