@@ -9,6 +9,13 @@ the same length, True = unsafe (its label becomes -100). A NaN score is never se
 - `per_sample_top_k`: floor(ratio × n_i) highest in each row, with the same tie rule.
 - `above_threshold`: every score strictly above an absolute threshold.
 
+The baselines the paper argues against spend the same budget k as `global_top_k`, so they compare fairly:
+- `sample_level`: whole rows, highest mean score first (a SEAL-style sample filter), until k tokens are masked;
+  the last row taken is masked only up to the budget, from its first response token on.
+- `first_k`: the earliest response positions of every row (the paper's positional diagnosis): position 0 of every
+  row, then position 1, ... in row order, until k tokens are masked.
+- `random_k`: k scored tokens uniformly at random (seeded).
+
 All are O(N) or O(N log N) NumPy passes over a float32 array: 10^8 scores take seconds and about 1 GB, where the
 authors' Python list of (score, row, position) tuples would take tens of GB.
 """
@@ -53,3 +60,48 @@ def per_sample_top_k(scores: np.ndarray, row_lengths: np.ndarray, ratio: float) 
 def above_threshold(scores: np.ndarray, threshold: float) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         return scores > threshold
+
+
+def budget(scores: np.ndarray, ratio: float) -> int:
+    """The number of tokens every strategy masks: floor(ratio × scored tokens)."""
+    return math.floor(ratio * int((~np.isnan(scores)).sum()))
+
+
+def _row_layout(scores: np.ndarray, row_lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rows = np.repeat(np.arange(len(row_lengths)), row_lengths)
+    positions = np.arange(len(scores)) - np.repeat(np.cumsum(row_lengths) - row_lengths, row_lengths)
+    return rows, positions, ~np.isnan(scores)
+
+
+def sample_level(scores: np.ndarray, row_lengths: np.ndarray, ratio: float) -> np.ndarray:
+    rows, positions, valid = _row_layout(scores, row_lengths)
+    k = budget(scores, ratio)
+    counts = np.bincount(rows[valid], minlength=len(row_lengths))
+    sums = np.bincount(rows[valid], weights=scores[valid], minlength=len(row_lengths))
+    means = np.where(counts > 0, sums / np.maximum(counts, 1), -np.inf)
+    order = np.argsort(-means, kind="stable")  # ties: earlier row first
+    # The first rows of `order` whose tokens fit the budget are masked whole; the next one partly.
+    rank_of_row = np.empty(len(order), dtype=np.int64)
+    rank_of_row[order] = np.arange(len(order))
+    token_order = np.lexsort((positions, rank_of_row[rows]))
+    token_order = token_order[valid[token_order]]
+    selected = np.zeros(len(scores), dtype=bool)
+    selected[token_order[:k]] = True
+    return selected
+
+
+def first_k(scores: np.ndarray, row_lengths: np.ndarray, ratio: float) -> np.ndarray:
+    rows, positions, valid = _row_layout(scores, row_lengths)
+    valid_positions = np.where(valid, positions, np.iinfo(np.int64).max)
+    token_order = np.lexsort((rows, valid_positions))[: budget(scores, ratio)]
+    selected = np.zeros(len(scores), dtype=bool)
+    selected[token_order] = True
+    return selected
+
+
+def random_k(scores: np.ndarray, ratio: float, seed: int = 0) -> np.ndarray:
+    scored = np.flatnonzero(~np.isnan(scores))
+    chosen = np.random.default_rng(seed).choice(scored, size=budget(scores, ratio), replace=False)
+    selected = np.zeros(len(scores), dtype=bool)
+    selected[chosen] = True
+    return selected
