@@ -125,3 +125,10 @@ def test_stats_sidecar_and_config_are_written(tmp_path, data, tiny_models):
         response = np.array(token_row["labels"]) != -100
         assert not np.isnan(np.array(scores, dtype=float)[response][1:]).any()
         assert np.isnan(np.array(scores, dtype=float)[~response]).all()
+
+
+def test_outputs_get_ordinary_permissions_not_private_temp_ones(tmp_path, data, tiny_models):
+    filter_dataset(*configs(tmp_path, data, tiny_models), show_progress=False)
+    for path in (tmp_path / "out", tmp_path / "out-rejected", tmp_path / "run" / "stats.json",
+                 tmp_path / "run" / "tokens.arrow"):
+        assert path.stat().st_mode & 0o044 == 0o044, path  # group and others can read, as with a plain write

@@ -34,11 +34,24 @@ from toss_filter.errors import ConfigError
 SHARD_PATTERN = "shard-{:05d}.parquet"
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _temp_file(target: Path) -> str:
+    """A temporary file beside `target`, with the permissions a plain `open` would give (mkstemp's are 0600)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(handle)
+    os.chmod(tmp, 0o666 & ~_umask())
+    return tmp
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        out.write(text)
+    tmp = _temp_file(path)
+    Path(tmp).write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -50,8 +63,11 @@ def replace_dir(staging: Path, target: Path) -> None:
 
 
 def staging_dir(target: Path) -> Path:
+    """A temporary directory beside `target`, with the permissions a plain `mkdir` would give (mkdtemp's are 0700)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging.chmod(0o777 & ~_umask())
+    return staging
 
 
 def package_versions() -> dict[str, str | None]:
@@ -97,9 +113,7 @@ class RunDir:
         return self.path / "tokens.arrow"
 
     def write_tokens(self, table: pa.Table) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=".tokens.", dir=self.path)
-        os.close(handle)
+        tmp = _temp_file(self.tokens_path)
         with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
         os.replace(tmp, self.tokens_path)
@@ -127,9 +141,7 @@ class RunDir:
 
     def write_shard(self, key: str, shard: int, table: pa.Table) -> None:
         target = self.shard_path(key, shard)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        os.close(handle)
+        tmp = _temp_file(target)
         pq.write_table(table, tmp)
         os.replace(tmp, target)  # the shard appears only once it is complete: that is the resume marker
 
