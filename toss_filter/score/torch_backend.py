@@ -84,16 +84,16 @@ class TorchScorer:
     def _score_batch(self, model: torch.nn.Module, rows: list[TokenRow], outputs: list[np.ndarray]) -> None:
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.zeros((len(rows), width), dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
         scored = torch.zeros((len(rows), width), dtype=torch.bool)
         for b, (ids, labels) in enumerate(rows):
             input_ids[b, : len(ids)] = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-            attention[b, : len(ids)] = 1
             scored[b, : len(ids)] = torch.from_numpy(scored_positions(labels))
         if not scored.any():
             return
-        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
-        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
+        # No attention mask is needed: padding is on the right and attention is causal, so no real token can see a
+        # pad token, and positions 0..n-1 are right for every row (tests/score: batched == one row at a time).
+        input_ids = input_ids.to(self.device)
+        hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state
         rows_idx, positions = scored.nonzero(as_tuple=True)  # token (b, j) is predicted from hidden (b, j-1)
         predictors = hidden[rows_idx.to(self.device), (positions - 1).to(self.device)]
         targets = input_ids[rows_idx.to(self.device), positions.to(self.device)]
