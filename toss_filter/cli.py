@@ -5,6 +5,7 @@ Exit codes: 0 success; 2 a problem with the input, an option or a model (one lin
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -36,10 +37,15 @@ Split = Annotated[Optional[str], typer.Option("--split", help="Split of a datase
 Column = Annotated[Optional[list[str]], typer.Option("--column", help="Rename an input column: canonical=actual, e.g. --column prompt=question. Canonical names: messages, prompt, completion, instruction, input, output, system_prompt, question, response.")]
 Template = Annotated[str, typer.Option("--template", help="chat (the model's chat template), paper (Human:/Assistant: as in the TOSS experiments), or a Jinja file.")]
 MaxLength = Annotated[Optional[int], typer.Option("--max-length", help="Truncate rows to N tokens; stats.json counts the truncated rows.")]
-Backend = Annotated[str, typer.Option("--backend", help="Scoring backend: torch (transformers).")]
+Backend = Annotated[str, typer.Option("--backend", help="Scoring backend: torch (transformers) or vllm (needs vLLM installed; see docs/vllm.md).")]
+MergeAdapters = Annotated[bool, typer.Option("--merge-adapters", help="vllm: merge LoRA adapters into full weights (cached in the run directory) instead of serving them as LoRA. Needed for adapters that touch lm_head/embed_tokens; always done on CPU.")]
+Verify = Annotated[int, typer.Option("--verify", help="vllm: re-score N random rows with the torch backend; report max/mean |ΔNLL| and fail above the dtype's tolerance.")]
+GpuMemory = Annotated[Optional[float], typer.Option("--gpu-memory-utilization", help="vllm: share of GPU memory for the engine (default 0.8: prompt logprobs need headroom).")]
+TensorParallel = Annotated[int, typer.Option("--tensor-parallel-size", help="vllm: GPUs per engine.")]
+VllmArg = Annotated[Optional[list[str]], typer.Option("--vllm-arg", help="vllm: any other engine argument as key=value (repeatable), e.g. --vllm-arg max_num_batched_tokens=4096; numbers, true/false and JSON values are parsed.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16. Log-softmax is float32 always.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")]
-BatchTokens = Annotated[int, typer.Option("--max-batch-tokens", help="Padded tokens per forward pass (memory bound).")]
+BatchTokens = Annotated[int, typer.Option("--max-batch-tokens", help="Padded tokens per forward pass (memory bound) of the torch backend and --verify; vLLM's is --vllm-arg max_num_batched_tokens (default 2048).")]
 ShardRows = Annotated[int, typer.Option("--shard-rows", help="Rows per score shard: the unit of resume.")]
 RemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model repositories to run their own code.")]
 Output = Annotated[Path, typer.Option("--output", "-o", help="Output directory (save_to_disk): input_ids, attention_mask, labels.")]
@@ -58,6 +64,20 @@ def _columns(pairs: list[str] | None) -> dict[str, str]:
             raise ConfigError(f"--column expects canonical=actual, got {pair!r}")
         mapping[canonical.strip()] = actual.strip()
     return mapping
+
+
+def _vllm_args(pairs: list[str] | None) -> dict[str, Any]:
+    args: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--vllm-arg expects key=value, got {pair!r}")
+        try:
+            value = json.loads(text)  # numbers, true/false, null, JSON lists and objects
+        except ValueError:
+            value = text
+        args[key.strip().replace("-", "_")] = value
+    return args
 
 
 def _run(action: Any) -> Any:
@@ -80,10 +100,22 @@ def _summary(stats: dict[str, Any], run_dir: Path) -> None:
     typer.echo(f"output:   {stats['output']}")
     typer.echo(f"rejected: {stats['rejected_output']}")
     typer.echo(f"stats:    {run_dir / 'stats.json'}")
+    _verify_summary(stats)
+
+
+def _verify_summary(result: dict[str, Any]) -> None:
+    verify = result.get("verify")
+    if verify:
+        typer.echo(
+            f"verify:   {verify['rows']} rows re-scored with torch ({verify['token_scores']} token scores): "
+            f"|ΔNLL| max {verify['max_abs_delta_nll']:.2g}, mean {verify['mean_abs_delta_nll']:.2g} "
+            f"(tolerance for {verify['dtype']}: max {verify['tolerance']['max']}, mean {verify['tolerance']['mean']})"
+        )
 
 
 def _score_config(input: str, safety_model: str, utility_model: str, run_dir: Path, **options: Any) -> ScoreConfig:
     options["columns"] = _columns(options.pop("column"))
+    options["vllm_args"] = _vllm_args(options.pop("vllm_arg"))
     return ScoreConfig(input=input, safety_model=safety_model, utility_model=utility_model, run_dir=str(run_dir), **options)
 
 
@@ -94,7 +126,9 @@ def filter_command(
     run_dir: RunDirOpt = None, template: Template = "chat", max_length: MaxLength = None, scope: Scope = "global",
     threshold: Threshold = None, split: Split = None, column: Column = None, dtype: Dtype = "auto",
     device: Device = "auto", max_batch_tokens: BatchTokens = 4096, shard_rows: ShardRows = 1000,
-    trust_remote_code: RemoteCode = False, quiet: Quiet = False,
+    trust_remote_code: RemoteCode = False, merge_adapters: MergeAdapters = False, verify: Verify = 0,
+    gpu_memory_utilization: GpuMemory = None, tensor_parallel_size: TensorParallel = 1, vllm_arg: VllmArg = None,
+    quiet: Quiet = False,
 ) -> None:
     """Score and mask in one go: INPUT → OUTPUT (a save_to_disk dataset any trainer can load)."""
     from toss_filter.pipeline import filter_dataset
@@ -107,6 +141,8 @@ def filter_command(
             input, safety_model, utility_model, run_dir, base_model=base_model, split=split, column=column,
             template=template, max_length=max_length, backend=backend, dtype=dtype, device=device,
             max_batch_tokens=max_batch_tokens, shard_rows=shard_rows, trust_remote_code=trust_remote_code,
+            merge_adapters=merge_adapters, verify=verify, gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size, vllm_arg=vllm_arg,
         )
         return filter_dataset(score_config, select_config, show_progress=not quiet)
 
@@ -122,7 +158,9 @@ def score_command(
     base_model: BaseModel = None, backend: Backend = "torch", template: Template = "chat",
     max_length: MaxLength = None, split: Split = None, column: Column = None, dtype: Dtype = "auto",
     device: Device = "auto", max_batch_tokens: BatchTokens = 4096, shard_rows: ShardRows = 1000,
-    trust_remote_code: RemoteCode = False, quiet: Quiet = False,
+    trust_remote_code: RemoteCode = False, merge_adapters: MergeAdapters = False, verify: Verify = 0,
+    gpu_memory_utilization: GpuMemory = None, tensor_parallel_size: TensorParallel = 1, vllm_arg: VllmArg = None,
+    quiet: Quiet = False,
 ) -> None:
     """Step 1 of 2: tokenize INPUT and score every response token under both references into RUN_DIR."""
     from toss_filter.pipeline import score
@@ -131,9 +169,12 @@ def score_command(
         input, safety_model, utility_model, run_dir, base_model=base_model, split=split, column=column,
         template=template, max_length=max_length, backend=backend, dtype=dtype, device=device,
         max_batch_tokens=max_batch_tokens, shard_rows=shard_rows, trust_remote_code=trust_remote_code,
+        merge_adapters=merge_adapters, verify=verify, gpu_memory_utilization=gpu_memory_utilization,
+        tensor_parallel_size=tensor_parallel_size, vllm_arg=vllm_arg,
     ), show_progress=not quiet))
     if not quiet:
         typer.echo(f"scored {summary['rows']} rows into {run_dir} ({summary['resumed_shards']} of {summary['shards']} shards resumed)")
+        _verify_summary(summary)
 
 
 @app.command("select")

@@ -10,7 +10,7 @@ from typing import Any
 
 from toss_filter.errors import ConfigError
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "vllm")
 SCOPES = ("global", "per-sample")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -33,6 +33,12 @@ class ScoreConfig:
     > Execution
     - `run_dir`: where tokens, score shards, stats and the resolved config live; a re-run resumes from it.
     - `max_batch_tokens`: the padded token budget of one forward pass; `shard_rows`: rows per resumable shard.
+
+    > vLLM backend (`backend="vllm"`, docs/vllm.md; refused with the torch backend)
+    - `merge_adapters`: serve LoRA adapters merged into full weights (cached in the run directory), not as LoRA.
+    - `verify`: re-score this many random rows with the torch backend and fail above the dtype's tolerance.
+    - `gpu_memory_utilization` (default 0.8), `tensor_parallel_size`: the vLLM engine arguments of those names.
+    - `vllm_args`: any other vLLM engine arguments, e.g. `{"max_num_batched_tokens": 4096}`; they win.
     """
 
     input: str
@@ -50,10 +56,25 @@ class ScoreConfig:
     max_batch_tokens: int = 4096
     shard_rows: int = 1000
     trust_remote_code: bool = False
+    merge_adapters: bool = False
+    verify: int = 0
+    gpu_memory_utilization: float | None = None
+    tensor_parallel_size: int = 1
+    vllm_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _choice("backend", self.backend, BACKENDS)
         _choice("dtype", self.dtype, DTYPES)
+        vllm_only = {"--merge-adapters": self.merge_adapters, "--verify": self.verify,
+                     "--gpu-memory-utilization": self.gpu_memory_utilization is not None,
+                     "--tensor-parallel-size": self.tensor_parallel_size != 1, "--vllm-arg": self.vllm_args}
+        given = [name for name, value in vllm_only.items() if value]
+        if self.backend != "vllm" and given:
+            raise ConfigError(f"{', '.join(given)}: only for --backend vllm")
+        if self.verify < 0 or self.tensor_parallel_size < 1:
+            raise ConfigError("--verify must be 0 or more, and --tensor-parallel-size 1 or more")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"--gpu-memory-utilization must be within (0, 1], got {self.gpu_memory_utilization}")
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError("--max-length must be at least 2")
         if self.max_batch_tokens < 1 or self.shard_rows < 1:

@@ -6,14 +6,17 @@ Each step's I/O goes through the run directory (see `toss_filter.run`), so the s
 from __future__ import annotations
 
 import math
+import shutil
 import time
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import transformers
 from rich.console import Console
@@ -25,11 +28,14 @@ from toss_filter.data.tokenize import IGNORE_INDEX, ConversationTokenizer, resol
 from toss_filter.data.write import list_array, rejected_path, save_dataset, training_table
 from toss_filter.errors import ConfigError
 from toss_filter.run import RunDir, list_column, model_fingerprint, package_versions, score_key, tokens_digest
+from toss_filter.score.base import Scorer, TokenRow, scored_positions
 from toss_filter.score.models import ROLES, ReferenceModels, resolve_spec
 from toss_filter.score.torch_backend import TorchScorer
+from toss_filter.score.vllm_backend import VllmScorer, agreement, require_agreement
 from toss_filter.select import above_threshold, global_top_k, per_sample_top_k
 
 POSITIONS_REPORTED = 32
+VERIFY_SEED = 0
 console = Console(stderr=True)
 # toss-filter draws its own progress bars; the libraries' per-step bars would only interleave with them.
 datasets.disable_progress_bars()
@@ -74,6 +80,10 @@ def tokenize_input(config: ScoreConfig, encode: ConversationTokenizer) -> pa.Tab
     })
 
 
+def _token_rows(ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, indices: Iterable[int]) -> list[TokenRow]:
+    return [(ids[offsets[i]:offsets[i + 1]], labels[offsets[i]:offsets[i + 1]]) for i in indices]
+
+
 def score(config: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
     """Tokenize `config.input` and write per-token NLLs under both references into `config.run_dir`, resuming
     from any complete shards of the same configuration. Returns the run summary (also saved as run.json)."""
@@ -100,39 +110,58 @@ def score(config: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
     todo = [s for s in range(shards) if not run.shard_path(key, s).exists()]
     ids_flat, offsets = list_column(tokens, "input_ids")
     labels_flat, _ = list_column(tokens, "labels")
-    scorer = TorchScorer(references, device, config.max_batch_tokens)
     seconds = {role: 0.0 for role in ROLES}
-    scored_tokens = 0
-    with _progress(show_progress) as progress:
+
+    def shard_span(shard: int) -> range:
+        return range(shard * config.shard_rows, min((shard + 1) * config.shard_rows, tokens.num_rows))
+
+    with make_scorer(config, references, device, run) as scorer, _progress(show_progress) as progress:
         tasks = {}
         if progress:
-            todo_rows = sum(min(config.shard_rows, tokens.num_rows - s * config.shard_rows) for s in todo)
+            todo_rows = sum(len(shard_span(s)) for s in todo)
             tasks = {role: progress.add_task(f"score ({role})", total=todo_rows, rate="") for role in ROLES}
-        for shard in todo:
-            first, last = shard * config.shard_rows, min((shard + 1) * config.shard_rows, tokens.num_rows)
-            rows = [(ids_flat[offsets[i]:offsets[i + 1]], labels_flat[offsets[i]:offsets[i + 1]]) for i in range(first, last)]
-            columns: dict[str, Any] = {"row": tokens.column("row").slice(first, last - first)}
+
+        def score_shard(role: str, shard: int) -> pa.Array:
+            span = shard_span(shard)
+            role_start, done = time.perf_counter(), [0]
+
+            def report(batch_rows: int, batch_tokens: int) -> None:
+                done[0] += batch_tokens
+                if progress:
+                    rate = done[0] / max(time.perf_counter() - role_start, 1e-9)
+                    progress.update(tasks[role], advance=batch_rows, rate=f"{rate:,.0f} tok/s")
+
+            nll = scorer.nll(role, _token_rows(ids_flat, labels_flat, offsets, span), report)
+            seconds[role] += time.perf_counter() - role_start
+            flat = np.concatenate(nll) if nll else np.zeros(0, np.float32)
+            return list_array(flat, offsets[span.start:span.stop + 1] - offsets[span.start], pa.float32())
+
+        def write_shard(shard: int, columns: dict[str, Any]) -> None:
+            span = shard_span(shard)
+            run.write_shard(key, shard, pa.table({"row": tokens.column("row").slice(span.start, len(span)), **columns}))
+
+        if getattr(scorer, "one_model_at_a_time", False):
+            # Switching models costs an engine start, so one role goes over every shard before the other. Each
+            # role's column is kept as a resumable part (scores/<key>/<role>/) until the shard is assembled.
             for role in ROLES:
-                role_start, done = time.perf_counter(), [0]
-
-                def report(batch_rows: int, batch_tokens: int, role: str = role, role_start: float = role_start,
-                           done: list[int] = done) -> None:
-                    done[0] += batch_tokens
-                    if progress:
-                        rate = done[0] / max(time.perf_counter() - role_start, 1e-9)
-                        progress.update(tasks[role], advance=batch_rows, rate=f"{rate:,.0f} tok/s")
-
-                nll = scorer.nll(role, rows, report)
-                seconds[role] += time.perf_counter() - role_start
-                flat = np.concatenate(nll) if nll else np.zeros(0, np.float32)
-                columns[f"nll_{role}"] = list_array(flat, offsets[first:last + 1] - offsets[first], pa.float32())
-            scored_tokens += int(offsets[last] - offsets[first])
-            run.write_shard(key, shard, pa.table(columns))
+                for shard in todo:
+                    if not run.shard_path(f"{key}/{role}", shard).exists():
+                        run.write_shard(f"{key}/{role}", shard, pa.table({f"nll_{role}": score_shard(role, shard)}))
+            for shard in todo:
+                write_shard(shard, {f"nll_{role}": pq.read_table(run.shard_path(f"{key}/{role}", shard)).column(0)
+                                    for role in ROLES})
+            for role in ROLES:
+                shutil.rmtree(run.scores_dir(f"{key}/{role}"), ignore_errors=True)
+        else:
+            for shard in todo:
+                write_shard(shard, {f"nll_{role}": score_shard(role, shard) for role in ROLES})
+        scorer_info = scorer.describe()
+    scored_tokens = sum(int(offsets[span.stop] - offsets[span.start]) for span in map(shard_span, todo))
 
     summary = {
         "score_key": key, "shards": shards, "rows": tokens.num_rows, "resumed_shards": shards - len(todo),
         "input": config.input, "template": chat_format.name, "models": references.describe(),
-        "score_config": as_dict(config), "device": device, "dtype": str(dtype),
+        "score_config": as_dict(config), "device": device, "dtype": str(dtype), "scorer": scorer_info,
         "timings": {
             "tokenize_s": round(tokenize_s, 3),
             **{f"score_{role}_s": round(seconds[role], 3) for role in ROLES},
@@ -140,8 +169,49 @@ def score(config: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
             "tokens_per_s_per_model": round(2 * scored_tokens / max(sum(seconds.values()), 1e-9), 1) if todo else None,
         },
     }
+    if config.verify:
+        summary["verify"] = verify_against_torch(run, key, shards, tokens, references, config)
     run.write_json("run.json", summary)
+    if config.verify:
+        require_agreement(summary["verify"])
     return summary
+
+
+@contextmanager
+def make_scorer(config: ScoreConfig, references: ReferenceModels, device: str, run: RunDir) -> Iterator[Scorer]:
+    """The scorer of `config.backend`. A vLLM scorer's engine is shut down on exit, so that the memory is free
+    for --verify's torch models."""
+    if config.backend != "vllm":
+        yield TorchScorer(references, device, config.max_batch_tokens)
+        return
+    scorer = VllmScorer(references, run.path / "merged", config.merge_adapters, config.gpu_memory_utilization,
+                        config.tensor_parallel_size, config.vllm_args)
+    try:
+        yield scorer
+    finally:
+        scorer.close()
+
+
+def verify_against_torch(run: RunDir, key: str, shards: int, tokens: pa.Table, references: ReferenceModels,
+                         config: ScoreConfig) -> dict[str, Any]:
+    """Re-score `config.verify` random rows (seeded, among rows with a scored token) with the torch backend and
+    compare them with the stored scores of both roles: `{"rows", "seed", **agreement(...)}`."""
+    ids_flat, offsets = list_column(tokens, "input_ids")
+    labels_flat, _ = list_column(tokens, "labels")
+    candidates = [i for i in range(tokens.num_rows) if scored_positions(labels_flat[offsets[i]:offsets[i + 1]]).any()]
+    rng = np.random.default_rng(VERIFY_SEED)
+    chosen = np.sort(rng.choice(candidates, min(config.verify, len(candidates)), replace=False))
+    rows = _token_rows(ids_flat, labels_flat, offsets, chosen)
+    stored = run.read_scores(key, shards)
+    torch_scorer = TorchScorer(references, resolve_device(config.device), config.max_batch_tokens)
+    theirs, ours = [], []
+    for role in ROLES:
+        values, _ = list_column(stored, f"nll_{role}")
+        theirs += [values[offsets[i]:offsets[i + 1]] for i in chosen]
+        ours += torch_scorer.nll(role, rows)
+    empty = np.zeros(0, np.float32)
+    return {"rows": len(chosen), "seed": VERIFY_SEED,
+            **agreement(np.concatenate(theirs or [empty]), np.concatenate(ours or [empty]), references.dtype)}
 
 
 def select(config: SelectConfig, show_progress: bool = True) -> dict[str, Any]:
@@ -235,7 +305,7 @@ def _stats(config: SelectConfig, state: dict[str, Any], response_scores: np.ndar
         "selection": {"ratio": config.ratio, "scope": config.scope, "threshold": config.threshold,
                       "keep_empty": config.keep_empty},
         "input": state["input"], "template": state["template"], "models": state["models"],
-        "device": state["device"], "dtype": state["dtype"],
+        "device": state["device"], "dtype": state["dtype"], "verify": state.get("verify"),
     }
 
 
