@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from toss_filter.config import ScoreConfig, SelectConfig, as_dict
 from toss_filter.data.load import load_conversations
-from toss_filter.data.tokenize import IGNORE_INDEX, ConversationTokenizer, resolve_format
+from toss_filter.data.tokenize import IGNORE_INDEX, ConversationTokenizer, resolve_format, tokenize_rows
 from toss_filter.data.write import list_array, rejected_path, save_dataset, training_table
 from toss_filter.errors import ConfigError
 from toss_filter.run import RunDir, list_column, model_fingerprint, package_versions, score_key, tokens_digest
@@ -63,23 +63,6 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def tokenize_input(config: ScoreConfig, encode: ConversationTokenizer) -> pa.Table:
-    """Every input row as `row, input_ids, labels, truncated`, in input order."""
-    rows, input_ids, labels, truncated = [], [], [], []
-    for row, messages in load_conversations(config.input, config.split, config.columns):
-        tokens = encode(messages, config.input, row)
-        rows.append(row)
-        input_ids.append(tokens.input_ids)
-        labels.append(tokens.labels)
-        truncated.append(tokens.truncated)
-    return pa.table({
-        "row": pa.array(rows, pa.int64()),
-        "input_ids": pa.array(input_ids, pa.list_(pa.int32())),
-        "labels": pa.array(labels, pa.list_(pa.int32())),
-        "truncated": pa.array(truncated, pa.bool_()),
-    })
-
-
 def _token_rows(ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, indices: Iterable[int]) -> list[TokenRow]:
     return [(ids[offsets[i]:offsets[i + 1]], labels[offsets[i]:offsets[i + 1]]) for i in indices]
 
@@ -95,7 +78,8 @@ def score(config: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
 
     started = time.perf_counter()
     chat_format = resolve_format(references.tokenizer, config.template)
-    tokens = tokenize_input(config, ConversationTokenizer(references.tokenizer, chat_format, config.max_length))
+    encode = ConversationTokenizer(references.tokenizer, chat_format, config.max_length)
+    tokens = tokenize_rows(load_conversations(config.input, config.split, config.columns), encode, config.input)
     tokenize_s = time.perf_counter() - started
     scoring = {
         "models": {role: model_fingerprint(spec.path) for role, spec in specs.items()},

