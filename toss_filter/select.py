@@ -46,14 +46,12 @@ def global_top_k(scores: np.ndarray, ratio: float) -> np.ndarray:
 
 def per_sample_top_k(scores: np.ndarray, row_lengths: np.ndarray, ratio: float) -> np.ndarray:
     """`row_lengths[i]` is the number of entries of row i in `scores` (they sum to `len(scores)`)."""
-    rows = np.repeat(np.arange(len(row_lengths)), row_lengths)
-    positions = np.arange(len(scores)) - np.repeat(np.cumsum(row_lengths) - row_lengths, row_lengths)
-    valid = ~np.isnan(scores)
+    rows, positions, valid = _row_layout(scores, row_lengths)
     per_row_k = np.floor(ratio * np.bincount(rows[valid], minlength=len(row_lengths))).astype(np.int64)
     # Sort by row, then score descending (NaN last), then position: the first k of each row are selected.
     order = np.lexsort((positions, -np.where(valid, scores, -np.inf), rows))
     rank = np.empty(len(scores), dtype=np.int64)
-    rank[order] = np.arange(len(scores)) - np.repeat(np.cumsum(row_lengths) - row_lengths, row_lengths)
+    rank[order] = positions  # `order` keeps rows contiguous and in order, so slot i within its row is rank i
     return valid & (rank < per_row_k[rows])
 
 
