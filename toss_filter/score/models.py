@@ -1,8 +1,16 @@
 """Load the two reference models: full HF model directories or PEFT LoRA adapters on a base.
 
 When both references are adapters of one base, the base is loaded once and both adapters are attached to it
-(peft `load_adapter`); scoring switches between them with `set_adapter`. Either way, the two tokenizers must be
-identical, because one tokenisation is scored under both models.
+(peft `load_adapter`). Either way, the two tokenizers must be identical, because one tokenisation is scored under
+both models.
+
+In float32, plain LoRA adapters (Linear layers only: no DoRA, LoRA bias or `modules_to_save`) are merged into
+weights, because the unmerged LoRA branch cost ~10% of the forward time on CPU. With a shared base, each role gets
+its own merged copy of only the layers its adapter touches, computed once from the untouched base weights with
+peft's `get_delta_weight`; switching roles swaps those tensors in, so a role's weights are the same whatever was
+scored before (resumed runs stay identical). The memory cost is one extra copy of the adapted layers. In
+bfloat16/float16 the adapters stay unmerged (peft `set_adapter`): rounding W + ΔW to 8 mantissa bits would lose
+most of a LoRA delta.
 """
 
 from __future__ import annotations
@@ -107,18 +115,36 @@ class ReferenceModels:
         self.dtype, self.device, self.trust_remote_code = dtype, device, trust_remote_code
         self.shared_base = safety.is_adapter and utility.is_adapter and _same_model(safety.base, utility.base)
         self._models: dict[str, torch.nn.Module] = {}
+        self._role_weights: dict[str, dict[torch.nn.Linear, torch.Tensor]] = {}  # see the module docstring
 
-    def _load(self) -> None:
-        """Load the weights; deferred until the first `model_for`, so a fully resumed run never loads them."""
+    def load(self) -> None:
+        """Load the weights, once. `model_for` calls it, so a fully resumed run never loads them."""
+        if self._models:
+            return
         safety, utility = self.specs["safety"], self.specs["utility"]
-        if self.shared_base:
-            shared = self._load_adapter(safety, self._load_full(safety.base, "base"), adapter_name="safety")
-            self._load_adapter(utility, shared, adapter_name="utility")
-            self._models = {"safety": shared, "utility": shared}
-        else:
+        if not self.shared_base:
             for role, spec in self.specs.items():
                 model = self._load_full(spec.base or spec.path, role)
-                self._models[role] = self._load_adapter(spec, model, "default") if spec.is_adapter else model
+                if spec.is_adapter:
+                    model = self._load_adapter(spec, model, "default")
+                    model = model.merge_and_unload() if self._mergeable(model) else model
+                self._models[role] = model
+            return
+        shared = self._load_adapter(safety, self._load_full(safety.base, "base"), adapter_name="safety")
+        self._load_adapter(utility, shared, adapter_name="utility")
+        if self._mergeable(shared):
+            self._role_weights = _merged_weights(shared, list(self.specs))
+            shared = shared.unload()
+        self._models = {"safety": shared, "utility": shared}
+
+    def _mergeable(self, model: torch.nn.Module) -> bool:
+        from peft.tuners.lora import LoraLayer
+
+        plain = all(not c.modules_to_save and not c.use_dora and c.bias == "none" and not getattr(c, "lora_bias", False)
+                    for c in model.peft_config.values())
+        layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        return (self.dtype == torch.float32 and plain
+                and all(isinstance(m.get_base_layer(), torch.nn.Linear) for m in layers))
 
     def _load_full(self, path: str, role: str) -> torch.nn.Module:
         try:
@@ -142,15 +168,33 @@ class ReferenceModels:
 
     def model_for(self, role: str) -> torch.nn.Module:
         """The causal LM (not the peft wrapper) with `role`'s weights active."""
-        if not self._models:
-            self._load()
+        self.load()
         model = self._models[role]
         from peft import PeftModel
 
-        if isinstance(model, PeftModel):
+        if self._role_weights:
+            for layer, weight in self._role_weights[role].items():
+                layer.weight.data = weight
+        elif isinstance(model, PeftModel):
             model.set_adapter(role if self.shared_base else "default")
             return model.get_base_model()
         return model
 
     def describe(self) -> dict[str, Any]:
         return {role: spec.describe() for role, spec in self.specs.items()} | {"shared_base": self.shared_base}
+
+
+@torch.no_grad()
+def _merged_weights(model: torch.nn.Module, roles: list[str]) -> dict[str, dict[torch.nn.Linear, torch.Tensor]]:
+    """For each role (adapter name), every adapted Linear's weight with that adapter merged: W + ΔW, or W itself
+    where the adapter does not touch the layer."""
+    from peft.tuners.lora import LoraLayer
+
+    weights: dict[str, dict[torch.nn.Linear, torch.Tensor]] = {role: {} for role in roles}
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            layer = module.get_base_layer()
+            for role in roles:
+                delta = module.get_delta_weight(role) if role in module.lora_A else None
+                weights[role][layer] = layer.weight.data if delta is None else layer.weight.data + delta
+    return weights

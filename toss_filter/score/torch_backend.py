@@ -4,11 +4,14 @@ Implements the `toss_filter.score.base.Scorer` contract; `model_nll(model, rows)
 
 Where the time goes, and why it is organised this way:
 - Rows are sorted by length and packed into batches by a token budget (padded length × rows), so padding is
-  small and the batch size adapts to the row length.
+  small and the batch size adapts to the row length. The default budget depends on the device: on a CPU, batches
+  beyond ~2k tokens spill the caches and run slower per token, so the CPU default is 2048 (bench/batch_budget.py
+  measures it); accelerators want large batches.
 - The decoder runs once per batch; the LM head and the log-softmax run only on the hidden states that predict a
   response token (position j-1 for token j), in chunks of `logits_chunk` rows. Prompt positions never get logits,
   and no `[tokens, vocab]` tensor larger than one chunk ever exists.
-- The log-softmax is computed in float32 whatever the model dtype.
+- The log-softmax is computed in float32 whatever the model dtype. A chunk of 256 rows keeps the float32 logits at
+  256 × vocab (50 MB for a 49k vocabulary); larger chunks ran no faster on CPU and only raised peak memory.
 """
 
 from __future__ import annotations
@@ -53,16 +56,31 @@ def _final_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+CPU_BATCH_TOKENS = 2048
+ACCELERATOR_BATCH_TOKENS = 8192
+
+
+def default_batch_tokens(device: str) -> int:
+    return CPU_BATCH_TOKENS if device == "cpu" else ACCELERATOR_BATCH_TOKENS
+
+
 class TorchScorer:
-    def __init__(self, references: ReferenceModels | None = None, device: str = "cpu", max_batch_tokens: int = 4096,
-                 logits_chunk: int = 1024):
+    one_model_at_a_time = False  # both roles share one loaded base (score/models.py)
+
+    def __init__(self, references: ReferenceModels | None = None, device: str = "cpu",
+                 max_batch_tokens: int | None = None, logits_chunk: int = 256):
         self.references, self.device = references, device
-        self.max_batch_tokens, self.logits_chunk = max_batch_tokens, logits_chunk
+        self.max_batch_tokens = max_batch_tokens or default_batch_tokens(device)
+        self.logits_chunk = logits_chunk
         self._checked: set[int] = set()
 
     def nll(self, role: str, rows: Sequence[TokenRow], on_batch: ProgressCallback | None = None) -> list[np.ndarray]:
         assert self.references is not None, "TorchScorer was built without references"
         return self.model_nll(self.references.model_for(role), rows, on_batch)
+
+    def nll_roles(self, roles: Sequence[str], rows: Sequence[TokenRow],
+                  on_batch: ProgressCallback | None = None) -> dict[str, list[np.ndarray]]:
+        return {role: self.nll(role, rows, on_batch) for role in roles}
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "torch", "device": self.device, "max_batch_tokens": self.max_batch_tokens}

@@ -149,7 +149,8 @@ def lora_rank(specs: Sequence[ModelSpec]) -> int:
     return accepted[0]
 
 
-def merged_model(spec: ModelSpec, tokenizer: Any, dtype: torch.dtype, cache: Path) -> Path:
+def merged_model(spec: ModelSpec, tokenizer: Any, dtype: torch.dtype, cache: Path,
+                 trust_remote_code: bool = False) -> Path:
     """A full model directory with adapter `spec` merged into its base, in `dtype`. Made once under `cache`,
     keyed by the fingerprints of adapter and base and the dtype, and reused by every later run."""
     key = hashlib.sha256(json.dumps([model_fingerprint(spec.path), model_fingerprint(spec.base), str(dtype)])
@@ -163,7 +164,7 @@ def merged_model(spec: ModelSpec, tokenizer: Any, dtype: torch.dtype, cache: Pat
 
     log.info("merging the %s adapter %s into %s (once, cached in %s)", spec.role, spec.path, spec.base, target)
     try:
-        base = AutoModelForCausalLM.from_pretrained(spec.base, dtype=dtype)
+        base = AutoModelForCausalLM.from_pretrained(spec.base, dtype=dtype, trust_remote_code=trust_remote_code)
         merged = PeftModel.from_pretrained(base, spec.path).merge_and_unload()
     except (OSError, RuntimeError, ValueError, KeyError) as err:
         first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
@@ -239,6 +240,9 @@ class VllmScorer:
         self.references, self.merged_dir = references, merged_dir
         lora_batching = not self.on_cpu if lora_batching is None else lora_batching
         self.plan = serving_plan(references, lora_batching, merge_adapters)
+        for key, option in {"model": "--safety-model/--utility-model", "dtype": "--dtype"}.items():
+            if key in (engine_args or {}):
+                raise ConfigError(f"--vllm-arg {key}=...: set it with {option}, which the rest of the run follows")
         self.engine_args = {
             "dtype": str(references.dtype).removeprefix("torch."),
             "max_num_batched_tokens": DEFAULT_MAX_NUM_BATCHED_TOKENS,
@@ -247,65 +251,83 @@ class VllmScorer:
             "trust_remote_code": references.trust_remote_code,
             # On CPU, torch.compile made start-up take 98 s instead of ~8 s, for 20% more throughput.
             **({"enforce_eager": True} if self.on_cpu else {}),
-        } | (engine_args or {})
+        }
         lora_specs = [spec for role, spec in references.specs.items() if self.plan[role] == "lora"]
         if lora_specs:
             self.engine_args |= {"enable_lora": True, "max_loras": 2, "max_lora_rank": lora_rank(lora_specs)}
+        self.engine_args |= engine_args or {}
         # The pipeline then scores every shard under one role before the other, so each engine starts once.
-        self.one_model_at_a_time = len({self._weights(role) for role in references.specs}) > 1
+        self.one_model_at_a_time = len({self._engine_key(role) for role in references.specs}) > 1
         self.setup_s = {role: 0.0 for role in references.specs}
         self._engine: Any = None
-        self._engine_model: str | None = None
+        self._running_key: str | None = None
         self._params: Any = None
 
     def nll(self, role: str, rows: Sequence[TokenRow], on_batch: ProgressCallback | None = None) -> list[np.ndarray]:
-        from vllm.inputs import TokensPrompt
-        from vllm.lora.request import LoRARequest
+        return self.nll_roles([role], rows, on_batch)[role]
 
-        results = [np.full(len(ids), np.nan, dtype=np.float32) for ids, _ in rows]
+    def nll_roles(self, roles: Sequence[str], rows: Sequence[TokenRow],
+                  on_batch: ProgressCallback | None = None) -> dict[str, list[np.ndarray]]:
+        """Roles that one engine serves (two LoRA adapters of one base) go into one `generate` call, each prompt
+        with its role's `LoRARequest`, interleaved row by row, so vLLM schedules both adapters in the same steps."""
+        from vllm.inputs import TokensPrompt
+
+        results = {role: [np.full(len(ids), np.nan, dtype=np.float32) for ids, _ in rows] for role in roles}
         todo = [i for i, (_, labels) in enumerate(rows) if scored_positions(labels).any()]
-        if todo:
-            engine = self._engine_for(role)
+        groups: dict[str, list[str]] = {}
+        for role in roles:
+            groups.setdefault(self._engine_key(role), []).append(role)
+        for group in groups.values() if todo else []:
+            engine = self._engine_for(group[0])
             limit = engine.llm_engine.model_config.max_model_len
             longest = max(len(rows[i][0]) for i in todo)
-            if longest > limit:
-                raise ConfigError(f"a row has {longest} tokens, more than the model's context of {limit}: "
-                                  "truncate with --max-length")
-            spec = self.references.specs[role]
-            lora = None
-            if self.plan[role] == "lora":  # ids 1 and 2, one per role, so both adapters can share batches
-                lora = LoRARequest(f"{role}-adapter", 1 + list(self.references.specs).index(role), spec.path)
-            outputs = engine.generate([TokensPrompt(prompt_token_ids=rows[i][0].tolist()) for i in todo],
-                                      self._params, use_tqdm=False, lora_request=lora)
-            if len(outputs) != len(todo):
-                raise VllmOutputError(f"vLLM returned {len(outputs)} outputs for {len(todo)} requests")
-            for i, output in zip(todo, outputs):
+            if longest >= limit:  # vLLM keeps room for the one token it samples
+                raise ConfigError(f"a row has {longest} tokens; vLLM scores rows of at most {limit - 1} with this "
+                                  f"model's context of {limit}: truncate with --max-length {limit - 1}")
+            requests = [(role, i) for i in todo for role in group]
+            outputs = engine.generate([TokensPrompt(prompt_token_ids=rows[i][0].tolist()) for _, i in requests],
+                                      self._params, use_tqdm=False,
+                                      lora_request=[self._lora_request(role) for role, _ in requests])
+            if len(outputs) != len(requests):
+                raise VllmOutputError(f"vLLM returned {len(outputs)} outputs for {len(requests)} requests")
+            for (role, i), output in zip(requests, outputs):
                 ids, labels = rows[i]
                 if list(output.prompt_token_ids) != ids.tolist():
                     raise VllmOutputError(f"vLLM returned the output of another prompt for row {i} of the batch")
-                results[i] = prompt_nll(output.prompt_logprobs, ids, labels)
+                results[role][i] = prompt_nll(output.prompt_logprobs, ids, labels)
         if on_batch:
-            on_batch(len(rows), sum(len(ids) for ids, _ in rows))
+            on_batch(len(rows) * len(roles), sum(len(ids) for ids, _ in rows) * len(roles))
         return results
 
-    def _weights(self, role: str) -> str:
-        """What `role`'s engine loads: the base of a LoRA adapter, else the model (or the adapter to merge)."""
+    def _lora_request(self, role: str) -> Any:
+        """`role`'s LoRARequest (ids 1 and 2, one per role, so both adapters stay loaded), or None for weights the
+        engine serves itself."""
+        if self.plan[role] != "lora":
+            return None
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(f"{role}-adapter", 1 + list(self.references.specs).index(role), self.references.specs[role].path)
+
+    def _engine_key(self, role: str) -> str:
+        """Which engine serves `role`: the base of a LoRA adapter, else the model (or the adapter to merge)."""
         spec = self.references.specs[role]
         return spec.base if self.plan[role] == "lora" else spec.path
 
     def _engine_for(self, role: str) -> Any:
-        """The engine that serves `role`, starting it (and merging its adapter) if needed; at most one runs."""
+        """The engine that serves `role`, starting it (and merging its adapter) if needed; at most one runs, and it
+        is shut down before a merge, so that merge and engine never hold memory at the same time."""
         started = time.perf_counter()
-        model = self._weights(role)
-        if self.plan[role] == "merge":
-            model = str(merged_model(self.references.specs[role], self.references.tokenizer, self.references.dtype,
-                                     self.merged_dir))
-        if model != self._engine_model:
+        key = self._engine_key(role)
+        if key != self._running_key:
             self.close()
+            model = key
+            if self.plan[role] == "merge":
+                model = str(merged_model(self.references.specs[role], self.references.tokenizer,
+                                         self.references.dtype, self.merged_dir, self.references.trust_remote_code))
             from vllm import LLM, SamplingParams
 
             log.info("starting a vLLM engine for %s", model)
-            self._engine, self._engine_model = LLM(model=model, **self.engine_args), model
+            self._engine, self._running_key = LLM(model=model, **self.engine_args), key
             # flat_logprobs (recent vLLM): flat lists per request instead of a dict per token, far less to collect.
             flat = "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ())
             self._params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, detokenize=False,
@@ -320,7 +342,7 @@ class VllmScorer:
         from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
         self._engine.llm_engine.engine_core.shutdown()
-        self._engine = self._engine_model = None
+        self._engine = self._running_key = None
         gc.collect()
         cleanup_dist_env_and_memory()
 
