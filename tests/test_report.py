@@ -71,7 +71,7 @@ def test_summary_shows_the_stats_and_embeds_them(report, run_dir):
         assert f'data-key="{key}">{stats[key]:,}<' in page
     assert f'data-key="masked_share">{stats["masked_share"]:.2%}<' in page
     assert f'data-key="score_cutoff">{stats["score_cutoff"]:.4g}<' in page
-    assert f'data-key="timings.tokens_per_s_per_model">{stats["timings"]["tokens_per_s_per_model"]:,.4g}<' in page
+    assert f'data-key="timings.model_tokens_per_s">{stats["timings"]["model_tokens_per_s"]:,.4g}<' in page
     assert html.escape(stats["models"]["safety"]["path"]) in page
     embedded = re.search(r'<script type="application/json" id="stats-json">(.*?)</script>', page, re.S).group(1)
     assert json.loads(embedded) == stats

@@ -7,9 +7,9 @@ The pipeline, one module per step: data/load → data/tokenize → score/ → se
                            SelectConfig(run_dir="run", output="out", ratio=0.2))
 """
 
-from toss_filter.config import ScoreConfig, SelectConfig
+from toss_filter.config import RefineConfig, ScoreConfig, SelectConfig
 from toss_filter.errors import ConfigError, InputError, TossError
 from toss_filter.pipeline import filter_dataset, score, select
 
-__all__ = ["ScoreConfig", "SelectConfig", "filter_dataset", "score", "select", "TossError", "InputError", "ConfigError"]
+__all__ = ["ScoreConfig", "SelectConfig", "RefineConfig", "filter_dataset", "score", "select", "TossError", "InputError", "ConfigError"]
 __version__ = "0.1.0"

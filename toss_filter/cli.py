@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from toss_filter.config import ScoreConfig, SelectConfig
+from toss_filter.config import RefineConfig, ScoreConfig, SelectConfig
 from toss_filter.errors import ConfigError, TossError
 
 app = typer.Typer(
@@ -45,15 +45,53 @@ TensorParallel = Annotated[int, typer.Option("--tensor-parallel-size", help="vll
 VllmArg = Annotated[Optional[list[str]], typer.Option("--vllm-arg", help="vllm: any other engine argument as key=value (repeatable), e.g. --vllm-arg max_num_batched_tokens=4096; numbers, true/false and JSON values are parsed.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16. Log-softmax is float32 always.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")]
-BatchTokens = Annotated[int, typer.Option("--max-batch-tokens", help="Padded tokens per forward pass (memory bound) of the torch backend and --verify; vLLM's is --vllm-arg max_num_batched_tokens (default 2048).")]
+BatchTokens = Annotated[Optional[int], typer.Option("--max-batch-tokens", show_default=False, help="Padded tokens per forward pass of the torch backend and --verify [default: 2048 on CPU, 8192 on GPU]; vLLM's is --vllm-arg max_num_batched_tokens (default 2048).")]
 ShardRows = Annotated[int, typer.Option("--shard-rows", help="Rows per score shard: the unit of resume.")]
 RemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model repositories to run their own code.")]
-Output = Annotated[Path, typer.Option("--output", "-o", help="Output directory (save_to_disk): input_ids, attention_mask, labels.")]
+Output = Annotated[Path, typer.Option("--output", "-o", help="Where the trainer-ready data goes: a save_to_disk directory (input_ids, attention_mask, labels), or one file with --format parquet|jsonl|torchtune.")]
 Ratio = Annotated[float, typer.Option("--ratio", help="Share of all scored response tokens to mask, in [0, 1].")]
 Scope = Annotated[str, typer.Option("--scope", help="global (top share over the whole dataset, as in the paper) or per-sample.")]
 Threshold = Annotated[Optional[float], typer.Option("--threshold", help="Mask every token with score above this value instead of a share.")]
 KeepEmpty = Annotated[bool, typer.Option("--keep-empty", help="Keep rows left with no trainable token, so output row i is input row i.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary; errors only.")]
+Strategy = Annotated[str, typer.Option("--strategy", help="toss (by token score, the paper), or a baseline at the same token budget: sample (whole rows by mean score), first-k (earliest response tokens), random.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of --strategy random.")]
+NoReport = Annotated[bool, typer.Option("--no-report", help="Do not write RUN_DIR/report.html.")]
+Format = Annotated[str, typer.Option("--format", help="arrow (save_to_disk directory), parquet, jsonl, or torchtune (tokens + pre-shifted labels); docs/trainers.md.")]
+AssistantMasks = Annotated[bool, typer.Option("--emit-assistant-masks", help="Add an assistant_masks column, for TRL <= 1.6 with packing (which drops labels). Off: axolotl wants exactly three columns.")]
+RepoId = Annotated[Optional[str], typer.Option("--push-to-hub", help="After writing, push OUTPUT (arrow) to this Hub dataset, ORG/NAME, with a dataset card; token from HF_TOKEN or `hf auth login`.")]
+HubPrivate = Annotated[bool, typer.Option("--hub-private", help="With --push-to-hub: create the repo private (only applies when it is created).")]
+
+
+def _load_config_file(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
+    """`--config FILE`: a YAML mapping of this command's options (names as on the command line, with or without
+    dashes) that become its defaults, so anything given on the command line wins."""
+    if value is None:
+        return value
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(value.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise typer.BadParameter(f"cannot read {value}: {err}") from None
+    if not isinstance(loaded, dict):
+        raise typer.BadParameter(f"{value}: expected a mapping of option names to values")
+    params = {p.name: p for p in ctx.command.params if p.name not in ("config",)}
+    defaults: dict[str, Any] = {}
+    for key, item in loaded.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        if name not in params:
+            raise typer.BadParameter(f"{value}: unknown option {key!r} for `{ctx.command.name}`")
+        if isinstance(item, dict):  # column: {prompt: question}, vllm-arg: {max_num_batched_tokens: 4096}
+            item = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in item.items()]
+        defaults[name] = item
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+ConfigFile = Annotated[Optional[Path], typer.Option(
+    "--config", is_eager=True, callback=_load_config_file, exists=True, dir_okay=False,
+    help="YAML file of options (e.g. ratio: 0.1, safety-model: path); command-line options override it.")]
 
 
 def _columns(pairs: list[str] | None) -> dict[str, str]:
@@ -91,7 +129,7 @@ def _run(action: Any) -> Any:
         raise typer.Exit(130) from None
 
 
-def _summary(stats: dict[str, Any], run_dir: Path) -> None:
+def _summary(stats: dict[str, Any], run_dir: Path, report: Path | None = None) -> None:
     typer.echo(
         f"rows in {stats['rows_in']}, out {stats['rows_out']}, rejected {stats['rows_rejected']}; "
         f"masked {stats['masked_tokens']} of {stats['scored_tokens']} scored response tokens "
@@ -100,6 +138,8 @@ def _summary(stats: dict[str, Any], run_dir: Path) -> None:
     typer.echo(f"output:   {stats['output']}")
     typer.echo(f"rejected: {stats['rejected_output']}")
     typer.echo(f"stats:    {run_dir / 'stats.json'}")
+    if report:
+        typer.echo(f"report:   {report}")
     _verify_summary(stats)
 
 
@@ -125,18 +165,29 @@ def filter_command(
     base_model: BaseModel = None, ratio: Ratio = 0.2, backend: Backend = "torch", keep_empty: KeepEmpty = False,
     run_dir: RunDirOpt = None, template: Template = "chat", max_length: MaxLength = None, scope: Scope = "global",
     threshold: Threshold = None, split: Split = None, column: Column = None, dtype: Dtype = "auto",
-    device: Device = "auto", max_batch_tokens: BatchTokens = 4096, shard_rows: ShardRows = 1000,
+    device: Device = "auto", max_batch_tokens: BatchTokens = None, shard_rows: ShardRows = 1000,
     trust_remote_code: RemoteCode = False, merge_adapters: MergeAdapters = False, verify: Verify = 0,
     gpu_memory_utilization: GpuMemory = None, tensor_parallel_size: TensorParallel = 1, vllm_arg: VllmArg = None,
-    quiet: Quiet = False,
+    strategy: Strategy = "toss", seed: Seed = 0, format: Format = "arrow", emit_assistant_masks: AssistantMasks = False,
+    push_to_hub: RepoId = None, hub_private: HubPrivate = False,
+    rounds: Annotated[int, typer.Option("--rounds", help="TOSS-Pro: scoring rounds, refining the safety adapter on each round's flagged tokens in between (1 = plain TOSS).")] = 1,
+    refine_epochs: Annotated[float, typer.Option("--refine-epochs", help="TOSS-Pro: epochs of each refinement.")] = 1.0,
+    refine_learning_rate: Annotated[float, typer.Option("--refine-learning-rate", help="TOSS-Pro: constant learning rate of each refinement.")] = 1e-4,
+    refine_batch_size: Annotated[int, typer.Option("--refine-batch-size", help="TOSS-Pro: rows per optimiser step.")] = 16,
+    refine_micro_batch_size: Annotated[int, typer.Option("--refine-micro-batch-size", help="TOSS-Pro: rows per forward pass.")] = 4,
+    no_report: NoReport = False, quiet: Quiet = False, config: ConfigFile = None,
 ) -> None:
-    """Score and mask in one go: INPUT → OUTPUT (a save_to_disk dataset any trainer can load)."""
+    """Score and mask in one go: INPUT → OUTPUT (a save_to_disk dataset any trainer can load), plus
+    RUN_DIR/report.html."""
     from toss_filter.pipeline import filter_dataset
 
     run_dir = run_dir or output.with_name(output.name + "-run")
 
     def action() -> dict[str, Any]:
-        select_config = SelectConfig(str(run_dir), str(output), ratio, scope, threshold, keep_empty)
+        select_config = SelectConfig(str(run_dir), str(output), ratio, scope, threshold, keep_empty, strategy, seed,
+                                     format, emit_assistant_masks)
+        if push_to_hub and format != "arrow":
+            raise ConfigError("--push-to-hub pushes the arrow output: leave --format at arrow")
         score_config = _score_config(
             input, safety_model, utility_model, run_dir, base_model=base_model, split=split, column=column,
             template=template, max_length=max_length, backend=backend, dtype=dtype, device=device,
@@ -144,11 +195,15 @@ def filter_command(
             merge_adapters=merge_adapters, verify=verify, gpu_memory_utilization=gpu_memory_utilization,
             tensor_parallel_size=tensor_parallel_size, vllm_arg=vllm_arg,
         )
-        return filter_dataset(score_config, select_config, show_progress=not quiet)
+        refine = RefineConfig(rounds, refine_epochs, refine_learning_rate, refine_batch_size, refine_micro_batch_size)
+        return filter_dataset(score_config, select_config, show_progress=not quiet, refine=refine)
 
     stats = _run(action)
+    report = None if no_report else _run(lambda: _write_report(run_dir))
     if not quiet:
-        _summary(stats, run_dir)
+        _summary(stats, run_dir, report)
+    if push_to_hub:
+        _push(output, push_to_hub, run_dir, hub_private, None, None, quiet)
 
 
 @app.command("score")
@@ -157,10 +212,10 @@ def score_command(
     run_dir: Annotated[Path, typer.Option("--run-dir", help="Where tokens and score shards go; re-running resumes.")],
     base_model: BaseModel = None, backend: Backend = "torch", template: Template = "chat",
     max_length: MaxLength = None, split: Split = None, column: Column = None, dtype: Dtype = "auto",
-    device: Device = "auto", max_batch_tokens: BatchTokens = 4096, shard_rows: ShardRows = 1000,
+    device: Device = "auto", max_batch_tokens: BatchTokens = None, shard_rows: ShardRows = 1000,
     trust_remote_code: RemoteCode = False, merge_adapters: MergeAdapters = False, verify: Verify = 0,
     gpu_memory_utilization: GpuMemory = None, tensor_parallel_size: TensorParallel = 1, vllm_arg: VllmArg = None,
-    quiet: Quiet = False,
+    quiet: Quiet = False, config: ConfigFile = None,
 ) -> None:
     """Step 1 of 2: tokenize INPUT and score every response token under both references into RUN_DIR."""
     from toss_filter.pipeline import score
@@ -181,16 +236,104 @@ def score_command(
 def select_command(
     run_dir: Annotated[Path, typer.Option("--run-dir", help="A run directory written by `toss-filter score`.")],
     output: Output, ratio: Ratio = 0.2, scope: Scope = "global", threshold: Threshold = None,
-    keep_empty: KeepEmpty = False, quiet: Quiet = False,
+    keep_empty: KeepEmpty = False, strategy: Strategy = "toss", seed: Seed = 0, format: Format = "arrow",
+    emit_assistant_masks: AssistantMasks = False, no_report: NoReport = False, quiet: Quiet = False,
+    config: ConfigFile = None,
 ) -> None:
     """Step 2 of 2: mask the top-scoring tokens from RUN_DIR's scores and write OUTPUT; re-run freely with
     another --ratio, nothing is re-scored."""
     from toss_filter.pipeline import select
 
-    stats = _run(lambda: select(SelectConfig(str(run_dir), str(output), ratio, scope, threshold, keep_empty),
-                                show_progress=not quiet))
+    stats = _run(lambda: select(SelectConfig(str(run_dir), str(output), ratio, scope, threshold, keep_empty,
+                                             strategy, seed, format, emit_assistant_masks), show_progress=not quiet))
+    report = None if no_report else _run(lambda: _write_report(run_dir))
     if not quiet:
-        _summary(stats, run_dir)
+        _summary(stats, run_dir, report)
+
+
+@app.command("train-ref")
+def train_ref_command(
+    data: Input,
+    base_model: Annotated[str, typer.Option("--base-model", help="The base model both references share (a directory or Hub id).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Adapter directory to write (PEFT format + training.json).")],
+    split: Split = None, column: Column = None, template: Template = "chat",
+    max_length: Annotated[int, typer.Option("--max-length", help="Truncate rows to N tokens.")] = 2048,
+    rank: Annotated[int, typer.Option("--rank", help="LoRA rank r.")] = 16,
+    alpha: Annotated[int, typer.Option("--alpha", help="LoRA alpha.")] = 16,
+    dropout: Annotated[float, typer.Option("--dropout", help="LoRA dropout.")] = 0.0,
+    target_modules: Annotated[str, typer.Option("--target-modules", help="Comma-separated module names, or all-linear.")] = "q_proj,v_proj",
+    learning_rate: Annotated[float, typer.Option("--learning-rate", help="Constant learning rate.")] = 1e-5,
+    epochs: Annotated[float, typer.Option("--epochs", help="Passes over the data.")] = 2.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch (rows per optimiser step), reached by accumulation.")] = 64,
+    micro_batch_size: Annotated[int, typer.Option("--micro-batch-size", help="Rows per forward pass.")] = 4,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the LoRA init and data order.")] = 42,
+    trust_remote_code: RemoteCode = False, quiet: Quiet = False, config: ConfigFile = None,
+) -> None:
+    """Train a reference: LoRA SFT on DATA's response tokens, tokenized exactly as `filter` does. Defaults are the
+    paper's recipe. Train the safety-degraded reference on harmful compliant Q&A and the utility-oriented one on
+    benign task data (docs/references.md)."""
+    from toss_filter.train import TrainRefConfig, train_reference
+
+    def action() -> dict[str, Any]:
+        modules = [name.strip() for name in target_modules.split(",") if name.strip()]
+        return train_reference(TrainRefConfig(
+            data=data, base_model=base_model, output=str(output), split=split, columns=_columns(column),
+            template=template, max_length=max_length, rank=rank, alpha=alpha, dropout=dropout,
+            target_modules=modules, learning_rate=learning_rate, epochs=epochs, batch_size=batch_size,
+            micro_batch_size=micro_batch_size, seed=seed, trust_remote_code=trust_remote_code,
+        ))
+
+    record = _run(action)
+    if not quiet:
+        typer.echo(f"trained on {record['rows_trained']} rows ({record['response_tokens']} response tokens), "
+                   f"{record['optimizer_steps']} steps, loss {record['first_loss']:.3f} → {record['final_loss']:.3f}")
+        typer.echo(f"adapter:  {output}")
+
+
+@app.command("push")
+def push_command(
+    output: Annotated[Path, typer.Argument(help="An arrow output (save_to_disk directory) written by filter or select.")],
+    repo_id: Annotated[str, typer.Option("--repo-id", help="The Hub dataset to push to, ORG/NAME.")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo private (only applies when it is created).")] = False,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch to push to (created from main if missing).")] = None,
+    token: Annotated[Optional[str], typer.Option("--token", help="Hub token (default: HF_TOKEN or `hf auth login`); never logged or stored.")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="The run directory that describes OUTPUT (default: OUTPUT-run).")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Publish OUTPUT to the Hugging Face Hub with a dataset card (method, citation, settings, models, source,
+    stats, masked share by position, how to train on it); docs/hub.md."""
+    _push(output, repo_id, run_dir or output.with_name(output.name + "-run"), private, revision, token, quiet)
+
+
+def _push(output: Path, repo_id: str, run_dir: Path, private: bool, revision: str | None, token: str | None,
+          quiet: bool) -> None:
+    from toss_filter.hub import push_output
+
+    result = _run(lambda: push_output(output, repo_id, run_dir, private=private, revision=revision, token=token))
+    if not quiet:
+        typer.echo(f"pushed:   {result['rows']} rows to {result['url']} ({result['revision']})")
+
+
+@app.command("report")
+def report_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory on which `select` or `filter` has finished.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="HTML file to write (default: RUN_DIR/report.html).")] = None,
+    rows: Annotated[int, typer.Option("--rows", help="How many most-masked rows, and how many random rows, to show.")] = 20,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random sample of rows.")] = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Write one self-contained HTML file showing what was masked and why (docs/report.md)."""
+    from toss_filter.report import write_report
+
+    path = _run(lambda: write_report(run_dir, output or run_dir / "report.html", rows_shown=rows, seed=seed))
+    if not quiet:
+        typer.echo(f"report:   {path}")
+
+
+def _write_report(run_dir: Path) -> Path:
+    from toss_filter.report import write_report
+
+    return write_report(run_dir, run_dir / "report.html")
 
 
 @app.callback()

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from toss_filter.errors import ConfigError
+from toss_filter.data.write import OUTPUT_FORMATS
+from toss_filter.select import STRATEGIES
 
 BACKENDS = ("torch", "vllm")
 SCOPES = ("global", "per-sample")
@@ -32,7 +34,8 @@ class ScoreConfig:
 
     > Execution
     - `run_dir`: where tokens, score shards, stats and the resolved config live; a re-run resumes from it.
-    - `max_batch_tokens`: the padded token budget of one forward pass; `shard_rows`: rows per resumable shard.
+    - `max_batch_tokens`: the padded token budget of one torch forward pass (None: 2048 on CPU, 8192 on an
+      accelerator); `shard_rows`: rows per resumable shard.
 
     > vLLM backend (`backend="vllm"`, docs/vllm.md; refused with the torch backend)
     - `merge_adapters`: serve LoRA adapters merged into full weights (cached in the run directory), not as LoRA.
@@ -53,7 +56,7 @@ class ScoreConfig:
     backend: str = "torch"
     dtype: str = "auto"
     device: str = "auto"
-    max_batch_tokens: int = 4096
+    max_batch_tokens: int | None = None
     shard_rows: int = 1000
     trust_remote_code: bool = False
     merge_adapters: bool = False
@@ -77,7 +80,7 @@ class ScoreConfig:
             raise ConfigError(f"--gpu-memory-utilization must be within (0, 1], got {self.gpu_memory_utilization}")
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError("--max-length must be at least 2")
-        if self.max_batch_tokens < 1 or self.shard_rows < 1:
+        if (self.max_batch_tokens is not None and self.max_batch_tokens < 1) or self.shard_rows < 1:
             raise ConfigError("--max-batch-tokens and --shard-rows must be positive")
 
 
@@ -86,9 +89,13 @@ class SelectConfig:
     """How to turn scores into the output.
 
     - `ratio`: share of all scored response tokens to mask (global top-k; k = floor(ratio × N)).
-    - `scope`: `global` (the paper) or `per-sample` (the top share of each row).
-    - `threshold`: mask every token whose score is above it instead of a share (overrides `ratio`).
+    - `strategy`: `toss` (by token score, the paper), or a baseline at the same budget k: `sample` (whole rows by
+      mean score, SEAL-style), `first-k` (earliest response positions), `random` (seeded by `seed`).
+    - `scope`: `global` (the paper) or `per-sample` (the top share of each row); `toss` only.
+    - `threshold`: mask every token whose score is above it instead of a share (overrides `ratio`); `toss` only.
     - `keep_empty`: keep rows left with no trainable token, so output row i is input row i.
+    - `format`: `arrow` (a save_to_disk directory), `parquet`, `jsonl` or `torchtune` (one file each; see
+      `toss_filter.data.write.save_output`); `emit_assistant_masks` adds an `assistant_masks` column (TRL <= 1.6).
     """
 
     run_dir: str
@@ -97,13 +104,42 @@ class SelectConfig:
     scope: str = "global"
     threshold: float | None = None
     keep_empty: bool = False
+    strategy: str = "toss"
+    seed: int = 0
+    format: str = "arrow"
+    emit_assistant_masks: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio <= 1.0:
             raise ConfigError(f"--ratio must be within [0, 1], got {self.ratio}")
         _choice("scope", self.scope, SCOPES)
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("format", self.format, OUTPUT_FORMATS)
+        if self.format == "torchtune" and self.emit_assistant_masks:
+            raise ConfigError("--emit-assistant-masks is for TRL <= 1.6; torchtune reads its own mask column")
+        if self.strategy != "toss" and (self.scope != "global" or self.threshold is not None):
+            raise ConfigError(f"--scope and --threshold refine --strategy toss only, not {self.strategy}")
         if Path(self.output).resolve() == Path(self.run_dir).resolve():
             raise ConfigError("--output and --run-dir must be different directories")
+
+
+@dataclass
+class RefineConfig:
+    """TOSS-Pro settings: `rounds` scoring rounds (1 = plain TOSS) with a refinement of θs between each two.
+    The optimiser settings are those of `train-ref` (constant learning rate, accumulation up to `batch_size`)."""
+
+    rounds: int = 1
+    epochs: float = 1.0
+    learning_rate: float = 1e-4
+    batch_size: int = 16
+    micro_batch_size: int = 4
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.epochs <= 0 or self.learning_rate <= 0:
+            raise ConfigError("--rounds must be 1 or more, --refine-epochs and --refine-learning-rate positive")
+        if self.batch_size < 1 or self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
+            raise ConfigError("--refine-batch-size must be a positive multiple of --refine-micro-batch-size")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -22,17 +22,17 @@ import transformers
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from toss_filter.config import ScoreConfig, SelectConfig, as_dict
+from toss_filter.config import RefineConfig, ScoreConfig, SelectConfig, as_dict
 from toss_filter.data.load import load_conversations
 from toss_filter.data.tokenize import IGNORE_INDEX, ConversationTokenizer, resolve_format, tokenize_rows
-from toss_filter.data.write import list_array, rejected_path, save_dataset, training_table
+from toss_filter.data.write import list_array, rejected_path, save_dataset, save_output, training_table
 from toss_filter.errors import ConfigError
 from toss_filter.run import RunDir, list_column, model_fingerprint, package_versions, score_key, tokens_digest
 from toss_filter.score.base import Scorer, TokenRow, scored_positions
 from toss_filter.score.models import ROLES, ReferenceModels, resolve_spec
 from toss_filter.score.torch_backend import TorchScorer
 from toss_filter.score.vllm_backend import VllmScorer, agreement, require_agreement
-from toss_filter.select import above_threshold, global_top_k, per_sample_top_k
+from toss_filter.select import choose_unsafe, positions_in_rows
 
 POSITIONS_REPORTED = 32
 VERIFY_SEED = 0
@@ -94,43 +94,52 @@ def score(config: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
     todo = [s for s in range(shards) if not run.shard_path(key, s).exists()]
     ids_flat, offsets = list_column(tokens, "input_ids")
     labels_flat, _ = list_column(tokens, "labels")
-    seconds = {role: 0.0 for role in ROLES}
+    load_started = time.perf_counter()
+    if todo and config.backend == "torch":  # timed apart from scoring; vLLM engines report their own set-up
+        references.load()
+    load_s = time.perf_counter() - load_started
+    score_s = 0.0
 
     def shard_span(shard: int) -> range:
         return range(shard * config.shard_rows, min((shard + 1) * config.shard_rows, tokens.num_rows))
 
     with make_scorer(config, references, device, run) as scorer, _progress(show_progress) as progress:
+        # One pass per role when the scorer holds one model at a time, else one pass with both.
+        passes = [(role,) for role in ROLES] if scorer.one_model_at_a_time else [ROLES]
         tasks = {}
         if progress:
             todo_rows = sum(len(shard_span(s)) for s in todo)
-            tasks = {role: progress.add_task(f"score ({role})", total=todo_rows, rate="") for role in ROLES}
+            tasks = {roles: progress.add_task(f"score ({' + '.join(roles)})", total=todo_rows * len(roles), rate="")
+                     for roles in passes}
 
-        def score_shard(role: str, shard: int) -> pa.Array:
+        def score_shard(roles: tuple[str, ...], shard: int) -> dict[str, pa.Array]:
+            nonlocal score_s
             span = shard_span(shard)
-            role_start, done = time.perf_counter(), [0]
+            started, done = time.perf_counter(), [0]
 
             def report(batch_rows: int, batch_tokens: int) -> None:
                 done[0] += batch_tokens
                 if progress:
-                    rate = done[0] / max(time.perf_counter() - role_start, 1e-9)
-                    progress.update(tasks[role], advance=batch_rows, rate=f"{rate:,.0f} tok/s")
+                    rate = done[0] / max(time.perf_counter() - started, 1e-9)
+                    progress.update(tasks[roles], advance=batch_rows, rate=f"{rate:,.0f} model-tok/s")
 
-            nll = scorer.nll(role, _token_rows(ids_flat, labels_flat, offsets, span), report)
-            seconds[role] += time.perf_counter() - role_start
-            flat = np.concatenate(nll) if nll else np.zeros(0, np.float32)
-            return list_array(flat, offsets[span.start:span.stop + 1] - offsets[span.start], pa.float32())
+            nll = scorer.nll_roles(roles, _token_rows(ids_flat, labels_flat, offsets, span), report)
+            score_s += time.perf_counter() - started
+            shard_offsets = offsets[span.start:span.stop + 1] - offsets[span.start]
+            return {f"nll_{role}": list_array(np.concatenate(nll[role]) if nll[role] else np.zeros(0, np.float32),
+                                              shard_offsets, pa.float32()) for role in roles}
 
         def write_shard(shard: int, columns: dict[str, Any]) -> None:
             span = shard_span(shard)
             run.write_shard(key, shard, pa.table({"row": tokens.column("row").slice(span.start, len(span)), **columns}))
 
-        if getattr(scorer, "one_model_at_a_time", False):
+        if scorer.one_model_at_a_time:
             # Switching models costs an engine start, so one role goes over every shard before the other. Each
             # role's column is kept as a resumable part (scores/<key>/<role>/) until the shard is assembled.
-            for role in ROLES:
+            for (role,) in passes:
                 for shard in todo:
                     if not run.shard_path(f"{key}/{role}", shard).exists():
-                        run.write_shard(f"{key}/{role}", shard, pa.table({f"nll_{role}": score_shard(role, shard)}))
+                        run.write_shard(f"{key}/{role}", shard, pa.table(score_shard((role,), shard)))
             for shard in todo:
                 write_shard(shard, {f"nll_{role}": pq.read_table(run.shard_path(f"{key}/{role}", shard)).column(0)
                                     for role in ROLES})
@@ -138,7 +147,7 @@ def score(config: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
                 shutil.rmtree(run.scores_dir(f"{key}/{role}"), ignore_errors=True)
         else:
             for shard in todo:
-                write_shard(shard, {f"nll_{role}": score_shard(role, shard) for role in ROLES})
+                write_shard(shard, score_shard(ROLES, shard))
         scorer_info = scorer.describe()
     scored_tokens = sum(int(offsets[span.stop] - offsets[span.start]) for span in map(shard_span, todo))
 
@@ -148,9 +157,10 @@ def score(config: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
         "score_config": as_dict(config), "device": device, "dtype": str(dtype), "scorer": scorer_info,
         "timings": {
             "tokenize_s": round(tokenize_s, 3),
-            **{f"score_{role}_s": round(seconds[role], 3) for role in ROLES},
+            "load_models_s": round(load_s, 3),
+            "score_s": round(score_s, 3),  # both references; scored together where the backend can
             "tokens_scored_this_run": scored_tokens,
-            "tokens_per_s_per_model": round(2 * scored_tokens / max(sum(seconds.values()), 1e-9), 1) if todo else None,
+            "model_tokens_per_s": round(2 * scored_tokens / max(score_s, 1e-9), 1) if todo else None,
         },
     }
     if config.verify:
@@ -221,12 +231,8 @@ def select(config: SelectConfig, show_progress: bool = True) -> dict[str, Any]:
     response = np.flatnonzero(labels != IGNORE_INDEX)
     response_scores = token_score[response]
     response_per_row = np.bincount(token_row[response], minlength=n_rows)
-    if config.threshold is not None:
-        unsafe = above_threshold(response_scores, config.threshold)
-    elif config.scope == "per-sample":
-        unsafe = per_sample_top_k(response_scores, response_per_row, config.ratio)
-    else:
-        unsafe = global_top_k(response_scores, config.ratio)
+    unsafe = choose_unsafe(response_scores, response_per_row, config.ratio, config.strategy, config.scope,
+                           config.threshold, config.seed)
 
     new_labels = labels.astype(np.int64)
     new_labels[response[unsafe]] = IGNORE_INDEX
@@ -239,7 +245,8 @@ def select(config: SelectConfig, show_progress: bool = True) -> dict[str, Any]:
 
     write_start = time.perf_counter()
     output = Path(config.output)
-    save_dataset(training_table(input_ids, new_labels, offsets, kept), output)
+    save_output(training_table(input_ids, new_labels, offsets, kept), output, config.format,
+                config.emit_assistant_masks)
     truncated = tokens.column("truncated").to_numpy(zero_copy_only=False)
     row_ids = tokens.column("row").to_numpy()
     rejected = training_table(input_ids, new_labels, offsets, dropped).append_column(
@@ -269,9 +276,7 @@ def select(config: SelectConfig, show_progress: bool = True) -> dict[str, Any]:
 def _stats(config: SelectConfig, state: dict[str, Any], response_scores: np.ndarray, unsafe: np.ndarray,
            response_per_row: np.ndarray, truncated: np.ndarray, empty: np.ndarray, kept: np.ndarray,
            dropped: np.ndarray) -> dict[str, Any]:
-    response_position = np.arange(len(response_scores)) - np.repeat(
-        np.cumsum(response_per_row) - response_per_row, response_per_row
-    )
+    response_position = positions_in_rows(response_per_row)
     early = response_position < POSITIONS_REPORTED
     by_position_total = np.bincount(response_position[early], minlength=POSITIONS_REPORTED)
     by_position_masked = np.bincount(response_position[early], weights=unsafe[early], minlength=POSITIONS_REPORTED)
@@ -286,14 +291,22 @@ def _stats(config: SelectConfig, state: dict[str, Any], response_scores: np.ndar
             round(float(m / t), 4) if t else None for m, t in zip(by_position_masked, by_position_total)
         ],
         "score_cutoff": float(response_scores[unsafe].min()) if unsafe.any() else None,
-        "selection": {"ratio": config.ratio, "scope": config.scope, "threshold": config.threshold,
-                      "keep_empty": config.keep_empty},
+        "selection": {"strategy": config.strategy, "ratio": config.ratio, "scope": config.scope,
+                      "threshold": config.threshold, "seed": config.seed, "keep_empty": config.keep_empty},
+        "output_format": config.format, "assistant_masks": config.emit_assistant_masks,
         "input": state["input"], "template": state["template"], "models": state["models"],
         "device": state["device"], "dtype": state["dtype"], "verify": state.get("verify"),
+        **({"rounds": state["rounds"], "refine": state["refine"]} if "rounds" in state else {}),
     }
 
 
-def filter_dataset(score_config: ScoreConfig, select_config: SelectConfig, show_progress: bool = True) -> dict[str, Any]:
-    """`score` then `select` over the same run directory; returns the stats (also in RUN_DIR/stats.json)."""
+def filter_dataset(score_config: ScoreConfig, select_config: SelectConfig, show_progress: bool = True,
+                   refine: RefineConfig | None = None) -> dict[str, Any]:
+    """`score`, then TOSS-Pro's rounds if `refine.rounds > 1` (`toss_filter.refine`), then `select`, over the same
+    run directory; returns the stats (also in RUN_DIR/stats.json)."""
     score(score_config, show_progress)
+    if refine and refine.rounds > 1:
+        from toss_filter.refine import refine_rounds
+
+        refine_rounds(score_config, select_config, refine)
     return select(select_config, show_progress)

@@ -161,8 +161,8 @@ def cutoff(stats: dict[str, Any]) -> tuple[float | None, str]:
     selection = stats.get("selection") or {}
     if selection.get("threshold") is not None:
         return float(selection["threshold"]), "threshold"
-    if selection.get("scope") == "per-sample":
-        return stats.get("score_cutoff"), "lowest masked score"  # each row has its own cut-off
+    if selection.get("scope") == "per-sample" or selection.get("strategy", "toss") != "toss":
+        return stats.get("score_cutoff"), "lowest masked score"  # no single cut-off separates the two sets
     return stats.get("score_cutoff"), "cut-off"
 
 
@@ -317,7 +317,7 @@ def summary_html(stats: dict[str, Any]) -> str:
                    for name in ("response_tokens", "scored_tokens", "masked_tokens")]
         + [("masked share", "masked_share", "—" if share is None else f"{share:.2%}")],
         "Selection": [(name.replace("_", " "), f"selection.{name}", fmt(selection.get(name)))
-                      for name in ("ratio", "scope", "threshold", "keep_empty")]
+                      for name in ("strategy", "ratio", "scope", "threshold", "keep_empty")]
         + [("lowest masked score", "score_cutoff", fmt(stats.get("score_cutoff")))],
         "Timings": [(timing_label(key), f"timings.{key}", fmt(value)) for key, value in (stats.get("timings") or {}).items()],
         "Models": [(role, f"models.{role}", model_line(models[role])) for role in ("safety", "utility") if role in models]

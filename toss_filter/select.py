@@ -16,6 +16,8 @@ The baselines the paper argues against spend the same budget k as `global_top_k`
   row, then position 1, ... in row order, until k tokens are masked.
 - `random_k`: k scored tokens uniformly at random (seeded).
 
+`choose_unsafe` dispatches on the strategy name (`toss`, `sample`, `first-k`, `random`) as the CLI gives it.
+
 All are O(N) or O(N log N) NumPy passes over a float32 array: 10^8 scores take seconds and about 1 GB, where the
 authors' Python list of (score, row, position) tuples would take tens of GB.
 """
@@ -65,10 +67,14 @@ def budget(scores: np.ndarray, ratio: float) -> int:
     return math.floor(ratio * int((~np.isnan(scores)).sum()))
 
 
+def positions_in_rows(row_lengths: np.ndarray) -> np.ndarray:
+    """For a flat array made of rows of `row_lengths` entries, each entry's index within its row."""
+    return np.arange(int(row_lengths.sum())) - np.repeat(np.cumsum(row_lengths) - row_lengths, row_lengths)
+
+
 def _row_layout(scores: np.ndarray, row_lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rows = np.repeat(np.arange(len(row_lengths)), row_lengths)
-    positions = np.arange(len(scores)) - np.repeat(np.cumsum(row_lengths) - row_lengths, row_lengths)
-    return rows, positions, ~np.isnan(scores)
+    return rows, positions_in_rows(row_lengths), ~np.isnan(scores)
 
 
 def sample_level(scores: np.ndarray, row_lengths: np.ndarray, ratio: float) -> np.ndarray:
@@ -103,3 +109,23 @@ def random_k(scores: np.ndarray, ratio: float, seed: int = 0) -> np.ndarray:
     selected = np.zeros(len(scores), dtype=bool)
     selected[chosen] = True
     return selected
+
+
+STRATEGIES = ("toss", "sample", "first-k", "random")
+
+
+def choose_unsafe(scores: np.ndarray, row_lengths: np.ndarray, ratio: float, strategy: str = "toss",
+                  scope: str = "global", threshold: float | None = None, seed: int = 0) -> np.ndarray:
+    """The unsafe mask of one selection rule. `scope` and `threshold` refine `toss` only (the baselines spend the
+    global budget floor(ratio × N))."""
+    if strategy == "sample":
+        return sample_level(scores, row_lengths, ratio)
+    if strategy == "first-k":
+        return first_k(scores, row_lengths, ratio)
+    if strategy == "random":
+        return random_k(scores, ratio, seed)
+    if threshold is not None:
+        return above_threshold(scores, threshold)
+    if scope == "per-sample":
+        return per_sample_top_k(scores, row_lengths, ratio)
+    return global_top_k(scores, ratio)

@@ -1,0 +1,82 @@
+"""TOSS-Pro (`--rounds`): refinement of the safety adapter on each round's flagged tokens, on the tiny models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from conftest import chat, write_jsonl
+from toss_filter import RefineConfig, ScoreConfig, SelectConfig, filter_dataset
+from toss_filter.errors import ConfigError
+from toss_filter.refine import round_stats
+from toss_filter.run import RunDir, list_column
+from toss_filter.score.torch_backend import TorchScorer
+
+ROWS = [chat(f"Question {i}?", f"Answer {i}: here is a response with several tokens to flag.") for i in range(8)]
+
+
+def run_rounds(tmp_path, tiny_models, rounds: int, safety: str | None = None) -> dict:
+    data = write_jsonl(tmp_path / "data.jsonl", ROWS)
+    score_config = ScoreConfig(str(data), safety or str(tiny_models["safety"]), str(tiny_models["utility"]),
+                               str(tmp_path / "run"), device="cpu")
+    select_config = SelectConfig(str(tmp_path / "run"), str(tmp_path / "out"), ratio=0.3, keep_empty=True)
+    refine = RefineConfig(rounds=rounds, epochs=2, learning_rate=5e-2, batch_size=4, micro_batch_size=2)
+    return filter_dataset(score_config, select_config, show_progress=False, refine=refine)
+
+
+def test_three_rounds_refine_safety_keep_utility_and_record_each_round(tmp_path, tiny_models):
+    stats = run_rounds(tmp_path, tiny_models, rounds=3)
+    run = RunDir(tmp_path / "run")
+    state = run.read_json("run.json")
+    assert [entry["round"] for entry in stats["rounds"]] == [1, 2, 3]
+    assert stats["rounds"][0]["overlap_with_previous"] is None
+    for entry in stats["rounds"]:
+        assert entry["masked_share"] == pytest.approx(stats["masked_share"], abs=1e-9)
+        assert entry["mean_score_flagged"] > entry["mean_score_unflagged"]
+    for entry in stats["rounds"][1:]:
+        assert 0.0 <= entry["overlap_with_previous"] <= 1.0
+    assert stats["rounds"][0]["refine_rows"] > 0 and stats["rounds"][0]["refine_final_loss"] is not None
+
+    first = run.read_scores(state["first_round_score_key"], _shards(run, state["first_round_score_key"]))
+    final = run.read_scores(state["score_key"], state["shards"])
+    for role, should_change in (("utility", False), ("safety", True)):
+        before, _ = list_column(first, f"nll_{role}")
+        after, _ = list_column(final, f"nll_{role}")
+        changed = np.nanmax(np.abs(before - after)) > 1e-4
+        assert changed == should_change, role
+
+    # The last refined adapter is a loadable PEFT adapter, and it is what scored the final round.
+    adapter = tmp_path / "run" / "rounds" / "round-2" / "safety"
+    assert (tmp_path / "run" / "rounds" / "round-1" / "safety" / "adapter_config.json").exists()
+    base = AutoModelForCausalLM.from_pretrained(tiny_models["base"])
+    refined = PeftModel.from_pretrained(base, adapter).eval()
+    ids, offsets = list_column(run.read_tokens(), "input_ids")
+    labels, _ = list_column(run.read_tokens(), "labels")
+    final_safety, _ = list_column(final, "nll_safety")
+    row = slice(offsets[0], offsets[1])
+    direct = TorchScorer().model_nll(refined.get_base_model(), [(ids[row], labels[row])])[0]
+    np.testing.assert_allclose(final_safety[row], direct, atol=1e-4)
+
+
+def _shards(run: RunDir, key: str) -> int:
+    return len(list(run.scores_dir(key).glob("shard-*.parquet")))
+
+
+def test_one_round_is_plain_toss(tmp_path, tiny_models):
+    stats = run_rounds(tmp_path, tiny_models, rounds=1)
+    assert "rounds" not in stats and not (tmp_path / "run" / "rounds").exists()
+
+
+def test_rounds_need_a_safety_adapter(tmp_path, tiny_models):
+    with pytest.raises(ConfigError, match="adapter"):
+        run_rounds(tmp_path, tiny_models, rounds=2, safety=str(tiny_models["base"]))
+
+
+def test_round_stats_overlap_and_means():
+    scores = np.array([3.0, 1.0, np.nan, 2.0, -1.0])
+    flagged = np.array([True, False, False, True, False])
+    entry = round_stats(2, scores, flagged, previous=np.array([True, True, False, False, False]))
+    assert entry == {"round": 2, "masked_share": 0.5, "overlap_with_previous": 0.5, "mean_score_flagged": 2.5,
+                     "mean_score_unflagged": 0.0}

@@ -1,0 +1,131 @@
+"""TOSS-Pro: refine the safety-degraded reference on the tokens it flags, over several rounds, then select.
+
+The paper does not publish its schedule; this is the reading implemented (docs/design.md, "TOSS-Pro"):
+1. Round r scores every response token with θu and the current θs, and flags the tokens the selection rule picks
+   (by default the global top ρ, as in the final selection).
+2. Unless r is the last round, θs (a LoRA adapter) keeps training, on labels restricted to the flagged tokens
+   (everything else -100), for `epochs`. Rows with no flagged token are left out of that training set.
+3. The next round scores again, under the refined θs only: θu never changes, so its scores from round 1 are reused.
+The final mask is the last round's. Round 1 is plain TOSS, so `rounds=1` changes nothing.
+
+Written into the run directory: each refined adapter as `rounds/round-<r>/safety/` (PEFT format), the last
+round's scores as a new score key (so `select` and `report` work unchanged), and in run.json a `rounds` list of
+`{"round", "masked_share", "overlap_with_previous", "mean_score_flagged", "mean_score_unflagged",
+"refine_rows", "refine_final_loss"}` that `select` copies into stats.json. Refinement re-scores with the torch
+backend whatever `--backend` scored round 1; both backends agree to float tolerance (docs/vllm.md).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from datasets import Dataset
+
+from toss_filter.config import RefineConfig, ScoreConfig, SelectConfig, as_dict
+from toss_filter.data.tokenize import IGNORE_INDEX
+from toss_filter.data.write import list_array
+from toss_filter.errors import ConfigError
+from toss_filter.run import RunDir, list_column, model_fingerprint, replace_dir, score_key, staging_dir
+from toss_filter.score.models import resolve_spec
+from toss_filter.score.torch_backend import TorchScorer
+from toss_filter.select import choose_unsafe
+
+
+def round_stats(round_number: int, scores: np.ndarray, flagged: np.ndarray, previous: np.ndarray | None) -> dict[str, Any]:
+    """One round's entry: `scores` and `flagged` are over the response tokens (NaN = unscored)."""
+    scored = ~np.isnan(scores)
+    unflagged = scored & ~flagged
+    return {
+        "round": round_number,
+        "masked_share": float(flagged.sum() / max(int(scored.sum()), 1)),
+        "overlap_with_previous": None if previous is None else float((flagged & previous).sum() / max(int(flagged.sum()), 1)),
+        "mean_score_flagged": float(scores[flagged].mean()) if flagged.any() else None,
+        "mean_score_unflagged": float(scores[unflagged].mean()) if unflagged.any() else None,
+    }
+
+
+def flagged_rows(input_ids: np.ndarray, offsets: np.ndarray, flagged_flat: np.ndarray) -> Dataset:
+    """Training rows for the refinement: every row with a flagged token, labels only on its flagged tokens."""
+    rows = [i for i in range(len(offsets) - 1) if flagged_flat[offsets[i]:offsets[i + 1]].any()]
+    ids = [input_ids[offsets[i]:offsets[i + 1]].tolist() for i in rows]
+    labels = [np.where(flagged_flat[offsets[i]:offsets[i + 1]], input_ids[offsets[i]:offsets[i + 1]], IGNORE_INDEX).tolist()
+              for i in rows]
+    return Dataset.from_dict({"input_ids": ids, "labels": labels})
+
+
+def refine_rounds(score_config: ScoreConfig, select_config: SelectConfig, refine: RefineConfig) -> list[dict[str, Any]]:
+    """Run TOSS-Pro on a run directory that `score` has filled; returns the per-round entries (see module doc)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from toss_filter.pipeline import resolve_device
+    from toss_filter.train import fit_adapter
+
+    spec = resolve_spec("safety", score_config.safety_model, score_config.base_model)
+    if not spec.is_adapter:
+        raise ConfigError("--rounds refines the safety reference as a LoRA adapter: give --safety-model as an "
+                          "adapter directory (train one with `toss-filter train-ref`)")
+    if select_config.strategy != "toss":
+        raise ConfigError("--rounds is TOSS-Pro: it flags tokens by score, so it needs --strategy toss")
+    run = RunDir(score_config.run_dir)
+    state = run.read_json("run.json")
+    tokens = run.read_tokens()
+    scores = run.read_scores(state["score_key"], state["shards"])
+    input_ids, offsets = list_column(tokens, "input_ids")
+    labels, _ = list_column(tokens, "labels")
+    nll_safety, _ = list_column(scores, "nll_safety")
+    nll_utility, _ = list_column(scores, "nll_utility")
+    response = np.flatnonzero(labels != IGNORE_INDEX)
+    response_per_row = np.bincount(np.repeat(np.arange(tokens.num_rows), np.diff(offsets))[response],
+                                   minlength=tokens.num_rows)
+    device = resolve_device(score_config.device)
+    tokenizer = AutoTokenizer.from_pretrained(spec.base, trust_remote_code=score_config.trust_remote_code)
+    rows = [(input_ids[offsets[i]:offsets[i + 1]], labels[offsets[i]:offsets[i + 1]]) for i in range(tokens.num_rows)]
+
+    entries: list[dict[str, Any]] = []
+    adapter, previous = spec.path, None
+    for round_number in range(1, refine.rounds + 1):
+        response_scores = (nll_utility - nll_safety)[response]
+        flagged = choose_unsafe(response_scores, response_per_row, select_config.ratio, "toss", select_config.scope,
+                                select_config.threshold)
+        entries.append(round_stats(round_number, response_scores, flagged, previous))
+        if round_number == refine.rounds:
+            break
+        started = time.perf_counter()
+        flagged_flat = np.zeros(len(input_ids), dtype=bool)
+        flagged_flat[response[flagged]] = True
+        train_rows = flagged_rows(input_ids, offsets, flagged_flat)
+        base = AutoModelForCausalLM.from_pretrained(spec.base, dtype=torch.float32,
+                                                    trust_remote_code=score_config.trust_remote_code)
+        model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
+        losses = fit_adapter(model, tokenizer, train_rows, learning_rate=refine.learning_rate, epochs=refine.epochs,
+                             batch_size=refine.batch_size, micro_batch_size=refine.micro_batch_size,
+                             seed=refine.seed) if len(train_rows) else []
+        target = run.path / "rounds" / f"round-{round_number}" / "safety"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = staging_dir(target)
+        model.save_pretrained(staging)
+        (staging / "README.md").unlink(missing_ok=True)
+        replace_dir(staging, target)
+        adapter = str(target)
+        merged = model.merge_and_unload().eval().to(device)  # θs as scored next round, merged as in score/models.py
+        nll_safety = np.concatenate(TorchScorer(device=device, max_batch_tokens=score_config.max_batch_tokens)
+                                    .model_nll(merged, rows)).astype(np.float32)
+        entries[-1] |= {"refine_rows": len(train_rows), "refine_final_loss": losses[-1] if losses else None,
+                        "refine_s": round(time.perf_counter() - started, 3)}
+        previous = flagged
+
+    if refine.rounds > 1:
+        key = score_key(state["score_key"], {"refined_safety": model_fingerprint(adapter), **as_dict(refine)})
+        run.write_shard(key, 0, pa.table({
+            "row": tokens.column("row"),
+            "nll_safety": list_array(nll_safety, offsets, pa.float32()),
+            "nll_utility": list_array(nll_utility, offsets, pa.float32()),
+        }))
+        state |= {"first_round_score_key": state["score_key"], "score_key": key, "shards": 1}
+    run.write_json("run.json", state | {"rounds": entries, "refine": as_dict(refine)})
+    return entries
