@@ -7,6 +7,7 @@ from datasets import load_from_disk
 from conftest import chat, write_jsonl
 from toss_filter import ScoreConfig, SelectConfig, filter_dataset, score, select
 from toss_filter.run import RunDir
+from toss_filter.score.torch_backend import TorchScorer
 
 ROWS = [
     chat("What is 2+2?", "Sure, 2+2 is 4."),
@@ -59,7 +60,7 @@ def test_resume_after_an_interrupted_scoring_run_gives_an_identical_output(tmp_p
 
     def interrupted(self, key, shard, table):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 6:  # float32 LoRA scores one role at a time: 4 safety parts and 1 utility part are written
             raise KeyboardInterrupt
         original(self, key, shard, table)
 
@@ -68,11 +69,16 @@ def test_resume_after_an_interrupted_scoring_run_gives_an_identical_output(tmp_p
     with pytest.raises(KeyboardInterrupt):
         score(score_config, show_progress=False)
     monkeypatch.setattr(RunDir, "write_shard", original)
+    scored, nll = [], TorchScorer.nll
+    monkeypatch.setattr(TorchScorer, "nll", lambda self, role, rows, cb=None: scored.append(role) or nll(self, role, rows, cb))
     summary = score(score_config, show_progress=False)
-    assert summary["resumed_shards"] == 2 and summary["shards"] == 4
+    assert summary["shards"] == 4 and scored == ["utility"] * 3  # only the parts not yet written are scored
+    # The utility weights were reached from a fresh load, yet the output is bit-identical to the clean run's.
     select(select_config, show_progress=False)
     resumed, clean = load_from_disk(str(tmp_path / "out")), load_from_disk(str(clean_dir / "out"))
     assert resumed.to_dict() == clean.to_dict()
+    scores = [np.concatenate(load_from_disk(str(d / "run" / "token_scores"))["score"]) for d in (tmp_path, clean_dir)]
+    np.testing.assert_array_equal(*scores)
 
 
 def test_select_reruns_with_another_ratio_without_rescoring(tmp_path, data, tiny_models):

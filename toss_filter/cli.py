@@ -1,6 +1,7 @@
 """`toss-filter`: a thin typer shell over `toss_filter.pipeline`. Options become a config dataclass; no logic here.
 
-Exit codes: 0 success; 2 a problem with the input, an option or a model (one line on stderr); 1 an unexpected error.
+Exit codes: 0 success; 1 an unexpected error (a traceback: please report it); 2 a problem with the input, an option,
+a model, the Hub, or a failed --verify (one line on stderr); 130 interrupted (completed score shards are kept).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -340,3 +342,5 @@ def _write_report(run_dir: Path) -> Path:
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details.")] = False) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="toss-filter: %(message)s")
+    if not verbose:  # raised inside transformers by its own Trainer/peft calls; nothing a user can act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)

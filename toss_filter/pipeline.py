@@ -52,6 +52,18 @@ def _progress(enabled: bool) -> Progress | nullcontext:
     )
 
 
+def _counted(items: Iterable[Any], description: str, enabled: bool) -> Iterator[Any]:
+    """`items`, with a progress bar counting them (their number is not known in advance: input is streamed)."""
+    if not enabled:
+        yield from items
+        return
+    with _progress(True) as progress:
+        task = progress.add_task(description, total=None, rate="")
+        for item in items:
+            yield item
+            progress.advance(task)
+
+
 def resolve_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
@@ -79,7 +91,8 @@ def score(config: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
     started = time.perf_counter()
     chat_format = resolve_format(references.tokenizer, config.template)
     encode = ConversationTokenizer(references.tokenizer, chat_format, config.max_length)
-    tokens = tokenize_rows(load_conversations(config.input, config.split, config.columns), encode, config.input)
+    conversations = load_conversations(config.input, config.split, config.columns)
+    tokens = tokenize_rows(_counted(conversations, "tokenize", show_progress), encode, config.input)
     tokenize_s = time.perf_counter() - started
     scoring = {
         "models": {role: model_fingerprint(spec.path) for role, spec in specs.items()},
@@ -104,26 +117,27 @@ def score(config: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
         return range(shard * config.shard_rows, min((shard + 1) * config.shard_rows, tokens.num_rows))
 
     with make_scorer(config, references, device, run) as scorer, _progress(show_progress) as progress:
-        # One pass per role when the scorer holds one model at a time, else one pass with both.
-        passes = [(role,) for role in ROLES] if scorer.one_model_at_a_time else [ROLES]
-        tasks = {}
+        tasks, done = {}, {role: 0 for role in ROLES}
         if progress:
             todo_rows = sum(len(shard_span(s)) for s in todo)
-            tasks = {roles: progress.add_task(f"score ({' + '.join(roles)})", total=todo_rows * len(roles), rate="")
-                     for roles in passes}
+            tasks = {role: progress.add_task(f"score ({role})", total=todo_rows, rate="") for role in ROLES}
+
+        scoring_started = time.perf_counter()
+
+        def reporter(role: str) -> Any:
+            def report(batch_rows: int, batch_tokens: int) -> None:
+                done[role] += batch_tokens
+                if progress:  # the rate of both references together: where they share batches, no other is known
+                    rate = sum(done.values()) / max(time.perf_counter() - scoring_started, 1e-9)
+                    progress.update(tasks[role], advance=batch_rows, rate=f"{rate:,.0f} model-tok/s")
+            return report
 
         def score_shard(roles: tuple[str, ...], shard: int) -> dict[str, pa.Array]:
             nonlocal score_s
             span = shard_span(shard)
-            started, done = time.perf_counter(), [0]
-
-            def report(batch_rows: int, batch_tokens: int) -> None:
-                done[0] += batch_tokens
-                if progress:
-                    rate = done[0] / max(time.perf_counter() - started, 1e-9)
-                    progress.update(tasks[roles], advance=batch_rows, rate=f"{rate:,.0f} model-tok/s")
-
-            nll = scorer.nll_roles(roles, _token_rows(ids_flat, labels_flat, offsets, span), report)
+            started = time.perf_counter()
+            nll = scorer.nll_roles(roles, _token_rows(ids_flat, labels_flat, offsets, span),
+                                   {role: reporter(role) for role in roles})
             score_s += time.perf_counter() - started
             shard_offsets = offsets[span.start:span.stop + 1] - offsets[span.start]
             return {f"nll_{role}": list_array(np.concatenate(nll[role]) if nll[role] else np.zeros(0, np.float32),
@@ -133,10 +147,10 @@ def score(config: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
             span = shard_span(shard)
             run.write_shard(key, shard, pa.table({"row": tokens.column("row").slice(span.start, len(span)), **columns}))
 
-        if scorer.one_model_at_a_time:
+        if todo and scorer.one_model_at_a_time:
             # Switching models costs an engine start, so one role goes over every shard before the other. Each
             # role's column is kept as a resumable part (scores/<key>/<role>/) until the shard is assembled.
-            for (role,) in passes:
+            for role in ROLES:
                 for shard in todo:
                     if not run.shard_path(f"{key}/{role}", shard).exists():
                         run.write_shard(f"{key}/{role}", shard, pa.table(score_shard((role,), shard)))
@@ -245,8 +259,6 @@ def select(config: SelectConfig, show_progress: bool = True) -> dict[str, Any]:
 
     write_start = time.perf_counter()
     output = Path(config.output)
-    save_output(training_table(input_ids, new_labels, offsets, kept), output, config.format,
-                config.emit_assistant_masks)
     truncated = tokens.column("truncated").to_numpy(zero_copy_only=False)
     row_ids = tokens.column("row").to_numpy()
     rejected = training_table(input_ids, new_labels, offsets, dropped).append_column(
@@ -254,14 +266,25 @@ def select(config: SelectConfig, show_progress: bool = True) -> dict[str, Any]:
     ).append_column("reason", pa.array(
         ["truncated" if truncated[i] and response_per_row[i] == 0 else "all_masked" for i in dropped], pa.string()
     ))
-    save_dataset(rejected, rejected_path(output))
     unsafe_flat = np.zeros(len(input_ids), dtype=bool)
     unsafe_flat[response[unsafe]] = True
-    save_dataset(pa.table({
+    sidecar = pa.table({
         "row": pa.array(row_ids, pa.int64()),
         "score": list_array(np.where(labels != IGNORE_INDEX, token_score, np.nan), offsets, pa.float32()),
         "unsafe": list_array(unsafe_flat, offsets, pa.bool_()),
-    }), run.path / "token_scores")
+    })
+    writes = [
+        lambda: save_output(training_table(input_ids, new_labels, offsets, kept), output, config.format,
+                            config.emit_assistant_masks),
+        lambda: save_dataset(rejected, rejected_path(output)),
+        lambda: save_dataset(sidecar, run.path / "token_scores"),
+    ]
+    with _progress(show_progress) as progress:
+        task = progress.add_task("write", total=len(writes), rate="") if progress else None
+        for write in writes:
+            write()
+            if progress:
+                progress.advance(task)
     write_s = time.perf_counter() - write_start
 
     stats = _stats(config, state, response_scores, unsafe, response_per_row, truncated, empty, kept, dropped)

@@ -58,27 +58,30 @@ def test_adapters_on_a_shared_base_score_like_separately_loaded_peft_models(tiny
     assert np.nanmax(np.abs(safety - utility)) > 1e-3, "the two adapters must give different scores"
 
 
-def _has_lora_layers(model: torch.nn.Module) -> bool:
+def _lora_layers(model: torch.nn.Module) -> list:
     from peft.tuners.lora import LoraLayer
 
-    return any(isinstance(m, LoraLayer) for m in model.modules())
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
-def test_float32_adapters_are_merged_and_switching_roles_is_exactly_repeatable(tiny_models, rows):
+def test_float32_adapters_are_merged_and_every_role_switch_is_exactly_repeatable(tiny_models, rows):
     specs = {role: resolve_spec(role, str(tiny_models[role]), None) for role in ("safety", "utility")}
     references = ReferenceModels(specs["safety"], specs["utility"], torch.float32, "cpu")
     scorer = TorchScorer(references)
-    first = {role: scorer.nll(role, rows) for role in ("safety", "utility", "safety")}
-    assert not _has_lora_layers(references.model_for("safety")), "float32 LoRA should be merged into the weights"
-    for role in ("utility", "safety"):
-        for a, b in zip(first[role], scorer.nll(role, rows)):
+    assert scorer.one_model_at_a_time
+    first = {role: scorer.nll(role, rows) for role in ("safety", "utility")}
+    assert all(layer.merged for layer in _lora_layers(references.model_for("utility")))
+    fresh = TorchScorer(ReferenceModels(specs["safety"], specs["utility"], torch.float32, "cpu"))
+    # Back to safety (a reload), forward to utility again, and utility first in a fresh process-like start.
+    for role, other in (("safety", scorer), ("utility", scorer), ("utility", fresh), ("safety", fresh)):
+        for a, b in zip(first[role], other.nll(role, rows)):
             np.testing.assert_array_equal(a, b)
 
 
 def test_bfloat16_adapters_stay_unmerged(tiny_models, rows):
     specs = {role: resolve_spec(role, str(tiny_models[role]), None) for role in ("safety", "utility")}
     references = ReferenceModels(specs["safety"], specs["utility"], torch.bfloat16, "cpu")
-    assert _has_lora_layers(references.model_for("safety"))
+    assert not any(layer.merged for layer in _lora_layers(references.model_for("safety")))
     scorer = TorchScorer(references)
     safety, utility = (scorer.nll(role, rows[:1])[0] for role in ("safety", "utility"))
     assert np.nanmax(np.abs(safety - utility)) > 1e-3

@@ -4,13 +4,14 @@ When both references are adapters of one base, the base is loaded once and both 
 (peft `load_adapter`). Either way, the two tokenizers must be identical, because one tokenisation is scored under
 both models.
 
-In float32, plain LoRA adapters (Linear layers only: no DoRA, LoRA bias or `modules_to_save`) are merged into
-weights, because the unmerged LoRA branch cost ~10% of the forward time on CPU. With a shared base, each role gets
-its own merged copy of only the layers its adapter touches, computed once from the untouched base weights with
-peft's `get_delta_weight`; switching roles swaps those tensors in, so a role's weights are the same whatever was
-scored before (resumed runs stay identical). The memory cost is one extra copy of the adapted layers. In
-bfloat16/float16 the adapters stay unmerged (peft `set_adapter`): rounding W + ΔW to 8 mantissa bits would lose
-most of a LoRA delta.
+In float32, plain LoRA adapters (Linear layers only: no DoRA, LoRA bias or `modules_to_save`, no tied layer) are
+merged into the weights, because the unmerged LoRA branch cost ~10% of the forward time on CPU. With a shared base
+the merge is in place (peft `merge_adapter`/`unmerge_adapter`), so it costs no memory, and each role is reached
+from the freshly loaded weights by one fixed sequence: merge and unmerge every role before it (in `ROLES` order),
+then merge it. Going back to an earlier role reloads the weights. So a role's weights never depend on what was
+scored before, and a resumed run is bit-identical; `one_role_at_a_time` tells the scorer to finish one role over
+all shards before the next. In bfloat16/float16 the adapters stay unmerged (peft `set_adapter`): rounding W + ΔW
+to 8 mantissa bits would lose most of a LoRA delta.
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ class ReferenceModels:
         self.dtype, self.device, self.trust_remote_code = dtype, device, trust_remote_code
         self.shared_base = safety.is_adapter and utility.is_adapter and _same_model(safety.base, utility.base)
         self._models: dict[str, torch.nn.Module] = {}
-        self._role_weights: dict[str, dict[torch.nn.Linear, torch.Tensor]] = {}  # see the module docstring
+        self.one_role_at_a_time = False  # set on loading (see the module docstring)
+        self._merged: str | None = None
 
     def load(self) -> None:
         """Load the weights, once. `model_for` calls it, so a fully resumed run never loads them."""
@@ -132,19 +134,18 @@ class ReferenceModels:
             return
         shared = self._load_adapter(safety, self._load_full(safety.base, "base"), adapter_name="safety")
         self._load_adapter(utility, shared, adapter_name="utility")
-        if self._mergeable(shared):
-            self._role_weights = _merged_weights(shared, list(self.specs))
-            shared = shared.unload()
-        self._models = {"safety": shared, "utility": shared}
+        self.one_role_at_a_time = self._mergeable(shared)
+        self._models, self._merged = {"safety": shared, "utility": shared}, None
 
     def _mergeable(self, model: torch.nn.Module) -> bool:
         from peft.tuners.lora import LoraLayer
 
         plain = all(not c.modules_to_save and not c.use_dora and c.bias == "none" and not getattr(c, "lora_bias", False)
                     for c in model.peft_config.values())
-        layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        tied = {id(model.get_input_embeddings().weight)}
+        layers = [m.get_base_layer() for m in model.modules() if isinstance(m, LoraLayer)]
         return (self.dtype == torch.float32 and plain
-                and all(isinstance(m.get_base_layer(), torch.nn.Linear) for m in layers))
+                and all(isinstance(layer, torch.nn.Linear) and id(layer.weight) not in tied for layer in layers))
 
     def _load_full(self, path: str, role: str) -> torch.nn.Module:
         try:
@@ -172,29 +173,33 @@ class ReferenceModels:
         model = self._models[role]
         from peft import PeftModel
 
-        if self._role_weights:
-            for layer, weight in self._role_weights[role].items():
-                layer.weight.data = weight
-        elif isinstance(model, PeftModel):
-            model.set_adapter(role if self.shared_base else "default")
-            return model.get_base_model()
+        if not isinstance(model, PeftModel):
+            return model
+        if self.one_role_at_a_time:
+            return self._merge_in_place(role).get_base_model()
+        model.set_adapter(role if self.shared_base else "default")
+        return model.get_base_model()
+
+    def _merge_in_place(self, role: str) -> Any:
+        """The shared peft model with `role` merged, reached by the fixed sequence of the module docstring."""
+        order = list(self.specs)
+        if self._merged is not None and order.index(self._merged) > order.index(role):
+            self._models, self._merged = {}, None  # no fixed way back: start again from the saved weights
+            self.load()
+        model = self._models[role]
+        if self._merged == role:
+            return model
+        start = 0
+        if self._merged is not None:
+            model.unmerge_adapter()
+            start = order.index(self._merged) + 1
+        for earlier in order[start:order.index(role)]:
+            model.merge_adapter([earlier])
+            model.unmerge_adapter()
+        model.merge_adapter([role])
+        self._merged = role
         return model
 
     def describe(self) -> dict[str, Any]:
         return {role: spec.describe() for role, spec in self.specs.items()} | {"shared_base": self.shared_base}
 
-
-@torch.no_grad()
-def _merged_weights(model: torch.nn.Module, roles: list[str]) -> dict[str, dict[torch.nn.Linear, torch.Tensor]]:
-    """For each role (adapter name), every adapted Linear's weight with that adapter merged: W + ΔW, or W itself
-    where the adapter does not touch the layer."""
-    from peft.tuners.lora import LoraLayer
-
-    weights: dict[str, dict[torch.nn.Linear, torch.Tensor]] = {role: {} for role in roles}
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            layer = module.get_base_layer()
-            for role in roles:
-                delta = module.get_delta_weight(role) if role in module.lora_A else None
-                weights[role][layer] = layer.weight.data if delta is None else layer.weight.data + delta
-    return weights

@@ -16,7 +16,7 @@ Where the time goes, and why it is organised this way:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -65,7 +65,6 @@ def default_batch_tokens(device: str) -> int:
 
 
 class TorchScorer:
-    one_model_at_a_time = False  # both roles share one loaded base (score/models.py)
 
     def __init__(self, references: ReferenceModels | None = None, device: str = "cpu",
                  max_batch_tokens: int | None = None, logits_chunk: int = 256):
@@ -74,13 +73,21 @@ class TorchScorer:
         self.logits_chunk = logits_chunk
         self._checked: set[int] = set()
 
+    @property
+    def one_model_at_a_time(self) -> bool:
+        """True when the references merge LoRA weights in place (score/models.py): one role at a time is cheapest."""
+        if self.references is None:
+            return False
+        self.references.load()
+        return self.references.one_role_at_a_time
+
     def nll(self, role: str, rows: Sequence[TokenRow], on_batch: ProgressCallback | None = None) -> list[np.ndarray]:
         assert self.references is not None, "TorchScorer was built without references"
         return self.model_nll(self.references.model_for(role), rows, on_batch)
 
     def nll_roles(self, roles: Sequence[str], rows: Sequence[TokenRow],
-                  on_batch: ProgressCallback | None = None) -> dict[str, list[np.ndarray]]:
-        return {role: self.nll(role, rows, on_batch) for role in roles}
+                  on_batch: Mapping[str, ProgressCallback] | None = None) -> dict[str, list[np.ndarray]]:
+        return {role: self.nll(role, rows, (on_batch or {}).get(role)) for role in roles}
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "torch", "device": self.device, "max_batch_tokens": self.max_batch_tokens}

@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -264,10 +264,10 @@ class VllmScorer:
         self._params: Any = None
 
     def nll(self, role: str, rows: Sequence[TokenRow], on_batch: ProgressCallback | None = None) -> list[np.ndarray]:
-        return self.nll_roles([role], rows, on_batch)[role]
+        return self.nll_roles([role], rows, {role: on_batch} if on_batch else None)[role]
 
     def nll_roles(self, roles: Sequence[str], rows: Sequence[TokenRow],
-                  on_batch: ProgressCallback | None = None) -> dict[str, list[np.ndarray]]:
+                  on_batch: Mapping[str, ProgressCallback] | None = None) -> dict[str, list[np.ndarray]]:
         """Roles that one engine serves (two LoRA adapters of one base) go into one `generate` call, each prompt
         with its role's `LoRARequest`, interleaved row by row, so vLLM schedules both adapters in the same steps."""
         from vllm.inputs import TokensPrompt
@@ -295,8 +295,9 @@ class VllmScorer:
                 if list(output.prompt_token_ids) != ids.tolist():
                     raise VllmOutputError(f"vLLM returned the output of another prompt for row {i} of the batch")
                 results[role][i] = prompt_nll(output.prompt_logprobs, ids, labels)
-        if on_batch:
-            on_batch(len(rows) * len(roles), sum(len(ids) for ids, _ in rows) * len(roles))
+        for role in roles:
+            if on_batch and role in on_batch:
+                on_batch[role](len(rows), sum(len(ids) for ids, _ in rows))
         return results
 
     def _lora_request(self, role: str) -> Any:
