@@ -139,3 +139,22 @@ def test_push_to_hub_needs_the_arrow_format(tmp_path, data, tiny_models):
                                 + ["--format", "jsonl", "--push-to-hub", "org/name"])
     assert result.exit_code == 2 and "leave --format at arrow" in result.stderr
     assert not (tmp_path / "o.jsonl-run" / "run.json").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--hub-private"], "--hub-private only applies with --push-to-hub"),
+    (["--push-to-hub", "not-a-repo-id"], "not-a-repo-id"),
+])
+def test_hub_options_are_checked_before_any_scoring(tmp_path, data, tiny_models, options, message):
+    result = CliRunner().invoke(app, [str(a) for a in filter_args(data, tiny_models, tmp_path / "o")] + options)
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "o-run" / "run.json").exists()
+
+
+def test_config_file_accepts_a_single_value_for_a_repeatable_option(tmp_path, data, tiny_models):
+    config = tmp_path / "toss.yaml"
+    config.write_text(f"safety-model: {tiny_models['safety']}\nutility-model: {tiny_models['utility']}\n"
+                      "column: messages=messages\ndevice: cpu\n")
+    invoke("filter", data, "--config", config, "--output", tmp_path / "a", "--quiet", "--no-report")
+    resolved = json.loads((tmp_path / "a-run" / "config.json").read_text())
+    assert resolved["score"]["columns"] == {"messages": "messages"}

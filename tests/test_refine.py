@@ -72,6 +72,7 @@ def test_one_round_is_plain_toss(tmp_path, tiny_models):
 def test_rounds_need_a_safety_adapter(tmp_path, tiny_models):
     with pytest.raises(ConfigError, match="adapter"):
         run_rounds(tmp_path, tiny_models, rounds=2, safety=str(tiny_models["base"]))
+    assert not (tmp_path / "run" / "run.json").exists(), "refused before any scoring"
 
 
 def test_round_stats_overlap_and_means():

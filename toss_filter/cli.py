@@ -6,6 +6,7 @@ a model, the Hub, or a failed --verify (one line on stderr); 130 interrupted (co
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -17,6 +18,7 @@ import typer
 
 from toss_filter.config import RefineConfig, ScoreConfig, SelectConfig
 from toss_filter.errors import ConfigError, TossError
+from toss_filter.run import default_run_dir
 
 app = typer.Typer(
     help=(
@@ -86,6 +88,8 @@ def _load_config_file(ctx: typer.Context, param: typer.CallbackParam, value: Opt
             raise typer.BadParameter(f"{value}: unknown option {key!r} for `{ctx.command.name}`")
         if isinstance(item, dict):  # column: {prompt: question}, vllm-arg: {max_num_batched_tokens: 4096}
             item = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in item.items()]
+        elif params[name].multiple and not isinstance(item, list):  # column: prompt=question
+            item = [item]
         defaults[name] = item
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
@@ -155,10 +159,13 @@ def _verify_summary(result: dict[str, Any]) -> None:
         )
 
 
-def _score_config(input: str, safety_model: str, utility_model: str, run_dir: Path, **options: Any) -> ScoreConfig:
-    options["columns"] = _columns(options.pop("column"))
-    options["vllm_args"] = _vllm_args(options.pop("vllm_arg"))
-    return ScoreConfig(input=input, safety_model=safety_model, utility_model=utility_model, run_dir=str(run_dir), **options)
+def _config(cls: type, params: dict[str, Any], **overrides: Any) -> Any:
+    """`cls` (a config dataclass) from a command's parameters: options are named after the config fields, so a
+    command's `locals()` map onto its config; list options are parsed first."""
+    params = params | {"columns": _columns(params.get("column")), "vllm_args": _vllm_args(params.get("vllm_arg"))}
+    params |= {"run_dir": str(params["run_dir"]), "output": str(params.get("output"))} | overrides
+    return cls(**{f.name: params[f.name] for f in dataclasses.fields(cls) if f.name in params})
+
 
 
 @app.command("filter")
@@ -183,22 +190,21 @@ def filter_command(
     RUN_DIR/report.html."""
     from toss_filter.pipeline import filter_dataset
 
-    run_dir = run_dir or output.with_name(output.name + "-run")
+    run_dir = run_dir or default_run_dir(output)
+    params = dict(locals())
 
     def action() -> dict[str, Any]:
-        select_config = SelectConfig(str(run_dir), str(output), ratio, scope, threshold, keep_empty, strategy, seed,
-                                     format, emit_assistant_masks)
-        if push_to_hub and format != "arrow":
-            raise ConfigError("--push-to-hub pushes the arrow output: leave --format at arrow")
-        score_config = _score_config(
-            input, safety_model, utility_model, run_dir, base_model=base_model, split=split, column=column,
-            template=template, max_length=max_length, backend=backend, dtype=dtype, device=device,
-            max_batch_tokens=max_batch_tokens, shard_rows=shard_rows, trust_remote_code=trust_remote_code,
-            merge_adapters=merge_adapters, verify=verify, gpu_memory_utilization=gpu_memory_utilization,
-            tensor_parallel_size=tensor_parallel_size, vllm_arg=vllm_arg,
-        )
+        select_config = _config(SelectConfig, params)
+        if push_to_hub:
+            from toss_filter.hub import check_repo_id
+
+            check_repo_id(push_to_hub)
+            if format != "arrow":
+                raise ConfigError("--push-to-hub pushes the arrow output: leave --format at arrow")
+        elif hub_private:
+            raise ConfigError("--hub-private only applies with --push-to-hub")
         refine = RefineConfig(rounds, refine_epochs, refine_learning_rate, refine_batch_size, refine_micro_batch_size)
-        return filter_dataset(score_config, select_config, show_progress=not quiet, refine=refine)
+        return filter_dataset(_config(ScoreConfig, params), select_config, show_progress=not quiet, refine=refine)
 
     stats = _run(action)
     report = None if no_report else _run(lambda: _write_report(run_dir))
@@ -222,13 +228,8 @@ def score_command(
     """Step 1 of 2: tokenize INPUT and score every response token under both references into RUN_DIR."""
     from toss_filter.pipeline import score
 
-    summary = _run(lambda: score(_score_config(
-        input, safety_model, utility_model, run_dir, base_model=base_model, split=split, column=column,
-        template=template, max_length=max_length, backend=backend, dtype=dtype, device=device,
-        max_batch_tokens=max_batch_tokens, shard_rows=shard_rows, trust_remote_code=trust_remote_code,
-        merge_adapters=merge_adapters, verify=verify, gpu_memory_utilization=gpu_memory_utilization,
-        tensor_parallel_size=tensor_parallel_size, vllm_arg=vllm_arg,
-    ), show_progress=not quiet))
+    params = dict(locals())
+    summary = _run(lambda: score(_config(ScoreConfig, params), show_progress=not quiet))
     if not quiet:
         typer.echo(f"scored {summary['rows']} rows into {run_dir} ({summary['resumed_shards']} of {summary['shards']} shards resumed)")
         _verify_summary(summary)
@@ -246,8 +247,8 @@ def select_command(
     another --ratio, nothing is re-scored."""
     from toss_filter.pipeline import select
 
-    stats = _run(lambda: select(SelectConfig(str(run_dir), str(output), ratio, scope, threshold, keep_empty,
-                                             strategy, seed, format, emit_assistant_masks), show_progress=not quiet))
+    params = dict(locals())
+    stats = _run(lambda: select(_config(SelectConfig, params), show_progress=not quiet))
     report = None if no_report else _run(lambda: _write_report(run_dir))
     if not quiet:
         _summary(stats, run_dir, report)
@@ -304,7 +305,7 @@ def push_command(
 ) -> None:
     """Publish OUTPUT to the Hugging Face Hub with a dataset card (method, citation, settings, models, source,
     stats, masked share by position, how to train on it); docs/hub.md."""
-    _push(output, repo_id, run_dir or output.with_name(output.name + "-run"), private, revision, token, quiet)
+    _push(output, repo_id, run_dir or default_run_dir(output), private, revision, token, quiet)
 
 
 def _push(output: Path, repo_id: str, run_dir: Path, private: bool, revision: str | None, token: str | None,

@@ -115,6 +115,8 @@ class SelectConfig:
         _choice("scope", self.scope, SCOPES)
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("format", self.format, OUTPUT_FORMATS)
+        if self.format != "arrow" and Path(self.output).is_dir():
+            raise ConfigError(f"--format {self.format} writes one file, but --output {self.output} is a directory")
         if self.format == "torchtune" and self.emit_assistant_masks:
             raise ConfigError("--emit-assistant-masks is for TRL <= 1.6; torchtune reads its own mask column")
         if self.strategy != "toss" and (self.scope != "global" or self.threshold is not None):

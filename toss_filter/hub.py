@@ -36,7 +36,7 @@ from huggingface_hub.errors import HFValidationError
 from toss_filter.data.tokenize import IGNORE_INDEX
 from toss_filter.errors import ConfigError, TossError
 from toss_filter.report import fmt, per_row
-from toss_filter.run import RunDir, list_column
+from toss_filter.run import RunDir, default_run_dir, list_column
 
 SPLIT, DATA_DIR = "train", "data"
 SHARD_BYTES = 500 * 10**6  # datasets' own default shard size; fixed here so the uploaded file names are known
@@ -74,7 +74,7 @@ def dataset_card(output: Path, run_dir: Path, repo_id: str) -> str:
     ORG/NAME, `output` is not a `save_to_disk` directory, `run_dir` lacks stats.json or tokens.arrow, or the
     stats count another number of rows than `output` holds.
     """
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     dataset = _load_output(Path(output))
     run = RunDir(run_dir)
     if not (run.path / "stats.json").exists():
@@ -130,7 +130,7 @@ def push_output(output: Path, repo_id: str, run_dir: Path | None = None, private
     TossError, one line without the token, for anything the Hub or the network answers.
     """
     output = Path(output)
-    run_dir = Path(run_dir) if run_dir is not None else output.with_name(output.name + "-run")
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(output)
     card = dataset_card(output, run_dir, repo_id)
     dataset = _load_output(output)
     num_shards = max(1, math.ceil(dataset.data.nbytes / SHARD_BYTES))
@@ -173,7 +173,7 @@ def _one_line(error: BaseException, token: str | None) -> str:
     return text.replace(token, "***") if token else text
 
 
-def _check_repo_id(repo_id: str) -> None:
+def check_repo_id(repo_id: str) -> None:
     if not REPO_ID.match(repo_id):
         raise ConfigError(f"--repo-id must be ORG/NAME (or USER/NAME), got {repo_id!r}")
 

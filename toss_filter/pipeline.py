@@ -5,6 +5,7 @@ Each step's I/O goes through the run directory (see `toss_filter.run`), so the s
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import time
@@ -27,12 +28,15 @@ from toss_filter.data.load import load_conversations
 from toss_filter.data.tokenize import IGNORE_INDEX, ConversationTokenizer, resolve_format, tokenize_rows
 from toss_filter.data.write import list_array, rejected_path, save_dataset, save_output, training_table
 from toss_filter.errors import ConfigError
+from toss_filter.refine import check_refinable, flagging, refine_rounds
 from toss_filter.run import RunDir, list_column, model_fingerprint, package_versions, score_key, tokens_digest
 from toss_filter.score.base import Scorer, TokenRow, scored_positions
 from toss_filter.score.models import ROLES, ReferenceModels, resolve_spec
 from toss_filter.score.torch_backend import TorchScorer
 from toss_filter.score.vllm_backend import VllmScorer, agreement, require_agreement
 from toss_filter.select import choose_unsafe, positions_in_rows
+
+log = logging.getLogger(__name__)
 
 POSITIONS_REPORTED = 32
 VERIFY_SEED = 0
@@ -110,7 +114,7 @@ def score(config: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
     load_started = time.perf_counter()
     if todo and config.backend == "torch":  # timed apart from scoring; vLLM engines report their own set-up
         references.load()
-    load_s = time.perf_counter() - load_started
+    load_s = time.perf_counter() - load_started if config.backend == "torch" else None
     score_s = 0.0
 
     def shard_span(shard: int) -> range:
@@ -171,7 +175,7 @@ def score(config: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
         "score_config": as_dict(config), "device": device, "dtype": str(dtype), "scorer": scorer_info,
         "timings": {
             "tokenize_s": round(tokenize_s, 3),
-            "load_models_s": round(load_s, 3),
+            "load_models_s": None if load_s is None else round(load_s, 3),
             "score_s": round(score_s, 3),  # both references; scored together where the backend can
             "tokens_scored_this_run": scored_tokens,
             "model_tokens_per_s": round(2 * scored_tokens / max(score_s, 1e-9), 1) if todo else None,
@@ -228,6 +232,10 @@ def select(config: SelectConfig, show_progress: bool = True) -> dict[str, Any]:
     started = time.perf_counter()
     run = RunDir(config.run_dir)
     state = run.read_json("run.json")
+    if "rounds" in state and state["refine"]["flagged_with"] != flagging(config):
+        log.warning("these scores come from TOSS-Pro rounds that flagged tokens with %s, not with this selection's "
+                    "%s; re-run `filter --rounds` to refine θs for these settings", state["refine"]["flagged_with"],
+                    flagging(config))
     tokens = run.read_tokens()
     scores = run.read_scores(state["score_key"], state["shards"])
     if not np.array_equal(scores.column("row").to_numpy(), tokens.column("row").to_numpy()):
@@ -264,7 +272,7 @@ def select(config: SelectConfig, show_progress: bool = True) -> dict[str, Any]:
     rejected = training_table(input_ids, new_labels, offsets, dropped).append_column(
         "row", pa.array(row_ids[dropped], pa.int64())
     ).append_column("reason", pa.array(
-        ["truncated" if truncated[i] and response_per_row[i] == 0 else "all_masked" for i in dropped], pa.string()
+        [_rejection_reason(truncated[i], response_per_row[i]) for i in dropped], pa.string()
     ))
     unsafe_flat = np.zeros(len(input_ids), dtype=bool)
     unsafe_flat[response[unsafe]] = True
@@ -292,8 +300,14 @@ def select(config: SelectConfig, show_progress: bool = True) -> dict[str, Any]:
     stats["output"], stats["rejected_output"] = str(output), str(rejected_path(output))
     run.write_json("stats.json", stats)
     run.write_json("config.json", {"command": "select", "score": state["score_config"], "select": as_dict(config),
-                                   "versions": package_versions()})
+                                   "refine": state.get("refine"), "versions": package_versions()})
     return stats
+
+
+def _rejection_reason(truncated: bool, response_tokens: int) -> str:
+    if response_tokens:
+        return "all_masked"  # every response token was selected as unsafe
+    return "truncated" if truncated else "no_response"  # --max-length cut the response off; or it was only a token
 
 
 def _stats(config: SelectConfig, state: dict[str, Any], response_scores: np.ndarray, unsafe: np.ndarray,
@@ -327,9 +341,9 @@ def filter_dataset(score_config: ScoreConfig, select_config: SelectConfig, show_
                    refine: RefineConfig | None = None) -> dict[str, Any]:
     """`score`, then TOSS-Pro's rounds if `refine.rounds > 1` (`toss_filter.refine`), then `select`, over the same
     run directory; returns the stats (also in RUN_DIR/stats.json)."""
+    if refine and refine.rounds > 1:
+        check_refinable(score_config, select_config)
     score(score_config, show_progress)
     if refine and refine.rounds > 1:
-        from toss_filter.refine import refine_rounds
-
-        refine_rounds(score_config, select_config, refine)
+        refine_rounds(score_config, select_config, refine, show_progress)
     return select(select_config, show_progress)

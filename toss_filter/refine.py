@@ -17,6 +17,7 @@ backend whatever `--backend` scored round 1; both backends agree to float tolera
 
 from __future__ import annotations
 
+import gc
 import time
 from typing import Any
 
@@ -29,7 +30,7 @@ from toss_filter.config import RefineConfig, ScoreConfig, SelectConfig, as_dict
 from toss_filter.data.tokenize import IGNORE_INDEX
 from toss_filter.data.write import list_array
 from toss_filter.errors import ConfigError
-from toss_filter.run import RunDir, list_column, model_fingerprint, replace_dir, score_key, staging_dir
+from toss_filter.run import RunDir, list_column, model_fingerprint, score_key
 from toss_filter.score.models import resolve_spec
 from toss_filter.score.torch_backend import TorchScorer
 from toss_filter.select import choose_unsafe
@@ -57,20 +58,34 @@ def flagged_rows(input_ids: np.ndarray, offsets: np.ndarray, flagged_flat: np.nd
     return Dataset.from_dict({"input_ids": ids, "labels": labels})
 
 
-def refine_rounds(score_config: ScoreConfig, select_config: SelectConfig, refine: RefineConfig) -> list[dict[str, Any]]:
-    """Run TOSS-Pro on a run directory that `score` has filled; returns the per-round entries (see module doc)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from toss_filter.pipeline import resolve_device
-    from toss_filter.train import fit_adapter
-
+def check_refinable(score_config: ScoreConfig, select_config: SelectConfig) -> None:
+    """Refuse, before any scoring, what TOSS-Pro cannot refine."""
     spec = resolve_spec("safety", score_config.safety_model, score_config.base_model)
     if not spec.is_adapter:
         raise ConfigError("--rounds refines the safety reference as a LoRA adapter: give --safety-model as an "
                           "adapter directory (train one with `toss-filter train-ref`)")
     if select_config.strategy != "toss":
         raise ConfigError("--rounds is TOSS-Pro: it flags tokens by score, so it needs --strategy toss")
+
+
+def flagging(select_config: SelectConfig) -> dict[str, Any]:
+    """The selection settings that decide which tokens a round flags (so `select` can tell if they changed)."""
+    return {"ratio": select_config.ratio, "scope": select_config.scope, "threshold": select_config.threshold}
+
+
+def refine_rounds(score_config: ScoreConfig, select_config: SelectConfig, refine: RefineConfig,
+                  show_progress: bool = True) -> list[dict[str, Any]]:
+    """Run TOSS-Pro on a run directory that `score` has just filled; returns the per-round entries (see the module
+    docstring). Rounds are not resumable: an interrupted run redoes them all."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from toss_filter.pipeline import console, resolve_device, resolve_dtype
+    from toss_filter.score.models import load_tokenizer
+    from toss_filter.train import fit_adapter, save_adapter
+
+    check_refinable(score_config, select_config)
+    spec = resolve_spec("safety", score_config.safety_model, score_config.base_model)
     run = RunDir(score_config.run_dir)
     state = run.read_json("run.json")
     tokens = run.read_tokens()
@@ -83,7 +98,8 @@ def refine_rounds(score_config: ScoreConfig, select_config: SelectConfig, refine
     response_per_row = np.bincount(np.repeat(np.arange(tokens.num_rows), np.diff(offsets))[response],
                                    minlength=tokens.num_rows)
     device = resolve_device(score_config.device)
-    tokenizer = AutoTokenizer.from_pretrained(spec.base, trust_remote_code=score_config.trust_remote_code)
+    dtype = resolve_dtype(score_config.dtype, device)  # θs is re-scored in the dtype θu was scored in
+    tokenizer = load_tokenizer(spec, score_config.trust_remote_code)
     rows = [(input_ids[offsets[i]:offsets[i + 1]], labels[offsets[i]:offsets[i + 1]]) for i in range(tokens.num_rows)]
 
     entries: list[dict[str, Any]] = []
@@ -92,40 +108,45 @@ def refine_rounds(score_config: ScoreConfig, select_config: SelectConfig, refine
         response_scores = (nll_utility - nll_safety)[response]
         flagged = choose_unsafe(response_scores, response_per_row, select_config.ratio, "toss", select_config.scope,
                                 select_config.threshold)
-        entries.append(round_stats(round_number, response_scores, flagged, previous))
+        entries.append(round_stats(round_number, response_scores, flagged, previous)
+                       | {"refine_rows": None, "refine_final_loss": None, "refine_s": None})
         if round_number == refine.rounds:
             break
         started = time.perf_counter()
         flagged_flat = np.zeros(len(input_ids), dtype=bool)
         flagged_flat[response[flagged]] = True
         train_rows = flagged_rows(input_ids, offsets, flagged_flat)
+        if show_progress:
+            console.print(f"TOSS-Pro round {round_number}: refining the safety adapter on {len(train_rows)} rows "
+                          f"({int(flagged.sum())} flagged tokens)")
         base = AutoModelForCausalLM.from_pretrained(spec.base, dtype=torch.float32,
                                                     trust_remote_code=score_config.trust_remote_code)
         model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
         losses = fit_adapter(model, tokenizer, train_rows, learning_rate=refine.learning_rate, epochs=refine.epochs,
                              batch_size=refine.batch_size, micro_batch_size=refine.micro_batch_size,
-                             seed=refine.seed) if len(train_rows) else []
+                             seed=refine.seed, device=device) if len(train_rows) else []
         target = run.path / "rounds" / f"round-{round_number}" / "safety"
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = staging_dir(target)
-        model.save_pretrained(staging)
-        (staging / "README.md").unlink(missing_ok=True)
-        replace_dir(staging, target)
+        save_adapter(model, target)
         adapter = str(target)
-        merged = model.merge_and_unload().eval().to(device)  # θs as scored next round, merged as in score/models.py
+        # Scored as score/models.py would: merged in float32, unmerged (and cast) otherwise.
+        scorer_model = model.merge_and_unload() if dtype == torch.float32 else model.to(dtype).get_base_model()
         nll_safety = np.concatenate(TorchScorer(device=device, max_batch_tokens=score_config.max_batch_tokens)
-                                    .model_nll(merged, rows)).astype(np.float32)
+                                    .model_nll(scorer_model.eval().to(device), rows)).astype(np.float32)
+        del model, base, scorer_model
+        gc.collect()
         entries[-1] |= {"refine_rows": len(train_rows), "refine_final_loss": losses[-1] if losses else None,
                         "refine_s": round(time.perf_counter() - started, 3)}
         previous = flagged
 
     if refine.rounds > 1:
-        key = score_key(state["score_key"], {"refined_safety": model_fingerprint(adapter), **as_dict(refine)})
+        key = score_key(state["score_key"], {"refined_safety": model_fingerprint(adapter), **as_dict(refine),
+                                             **flagging(select_config)})
         run.write_shard(key, 0, pa.table({
             "row": tokens.column("row"),
             "nll_safety": list_array(nll_safety, offsets, pa.float32()),
             "nll_utility": list_array(nll_utility, offsets, pa.float32()),
         }))
         state |= {"first_round_score_key": state["score_key"], "score_key": key, "shards": 1}
-    run.write_json("run.json", state | {"rounds": entries, "refine": as_dict(refine)})
+    run.write_json("run.json", state | {"rounds": entries, "refine": as_dict(refine) | {"flagged_with": flagging(select_config)}})
     return entries

@@ -104,6 +104,11 @@ def list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
     return values[offsets[0]:offsets[-1]], offsets - offsets[0]
 
 
+def default_run_dir(output: Path) -> Path:
+    """The run directory of an output when none is named: `OUTPUT-run`, beside it."""
+    return output.with_name(output.name + "-run")
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)

@@ -16,6 +16,7 @@ TOSS-Pro refinement reuses it on labels restricted to the flagged tokens.
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ import pyarrow as pa
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, PreTrainedTokenizerBase
-from transformers import Trainer, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainingArguments
 
 from toss_filter.data.load import load_conversations
 from toss_filter.data.tokenize import IGNORE_INDEX, ConversationTokenizer, resolve_format, tokenize_rows
@@ -66,18 +67,26 @@ class TrainRefConfig:
 
 
 def fit_adapter(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: Dataset, *, learning_rate: float,
-                epochs: float, batch_size: int, micro_batch_size: int, seed: int) -> list[float]:
+                epochs: float, batch_size: int, micro_batch_size: int, seed: int, device: str = "auto") -> list[float]:
     """Train the trainable (LoRA) weights of `model` on `rows` (`input_ids`, `labels`; loss on labels != -100 only)
-    with a constant learning rate. Returns the logged loss of every optimiser step."""
+    with a constant learning rate, on `device` ("auto": a GPU if there is one). Returns the logged loss of every
+    optimiser step."""
+    on_gpu = torch.cuda.is_available() and device != "cpu"
+    if tokenizer.pad_token is None:  # Llama/Mistral: padded positions carry label -100, so the id does not matter
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.pad_token = tokenizer.eos_token
+    if on_gpu and device.startswith("cuda:"):
+        torch.cuda.set_device(device)
     with tempfile.TemporaryDirectory(prefix="toss-train-") as scratch:
         args = TrainingArguments(
             output_dir=scratch, num_train_epochs=epochs, learning_rate=learning_rate, lr_scheduler_type="constant",
             per_device_train_batch_size=micro_batch_size, gradient_accumulation_steps=batch_size // micro_batch_size,
-            logging_steps=1, save_strategy="no", report_to=[], seed=seed, use_cpu=not torch.cuda.is_available(),
-            bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), disable_tqdm=True,
+            logging_steps=1, save_strategy="no", report_to=[], seed=seed, use_cpu=not on_gpu,
+            bf16=on_gpu and torch.cuda.is_bf16_supported(), disable_tqdm=True,
         )
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
         trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
+        trainer.remove_callback(PrinterCallback)  # it prints every logged step to stdout; the losses are returned
         trainer.train()
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
@@ -119,10 +128,6 @@ def train_reference(config: TrainRefConfig) -> dict[str, Any]:
     # Record the name the user gave (a Hub id stays portable), not a local cache path.
     model.peft_config["default"].base_model_name_or_path = config.base_model
 
-    output = Path(config.output)
-    staging = staging_dir(output)
-    model.save_pretrained(staging)
-    (staging / "README.md").unlink(missing_ok=True)  # peft's placeholder card says nothing true about this adapter
     label_counts = np.array([sum(label != IGNORE_INDEX for label in row) for row in rows["labels"]])
     record = {
         "data": config.data, "data_sha256": tokens_digest(tokens), "rows_in": tokens.num_rows, "rows_trained": len(rows),
@@ -133,6 +138,17 @@ def train_reference(config: TrainRefConfig) -> dict[str, Any]:
         "settings": {key: value for key, value in vars(config).items() if key not in ("data", "output")},
         "versions": package_versions(),
     }
-    (staging / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-    replace_dir(staging, output)
+    save_adapter(model, Path(config.output), {"training.json": json.dumps(record, indent=2) + "\n"})
     return record
+
+
+def save_adapter(model: torch.nn.Module, target: Path, extra_files: dict[str, str] | None = None) -> Path:
+    """Save a peft model's adapter (and `extra_files`, name -> text) to a staging directory, then rename it to
+    `target`, so a directory at `target` is always complete."""
+    staging = staging_dir(target)
+    model.save_pretrained(staging)
+    (staging / "README.md").unlink(missing_ok=True)  # peft's placeholder card says nothing true about this adapter
+    for name, text in (extra_files or {}).items():
+        (staging / name).write_text(text)
+    replace_dir(staging, target)
+    return target

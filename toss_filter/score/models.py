@@ -77,7 +77,7 @@ def resolve_spec(role: str, path: str, base_model: str | None) -> ModelSpec:
 
 
 def _same_model(a: str, b: str) -> bool:
-    return a == b or Path(a).name == Path(b).name or Path(resolve_model_path(a)).resolve() == Path(resolve_model_path(b)).resolve()
+    return a == b or Path(resolve_model_path(a)).resolve() == Path(resolve_model_path(b)).resolve()
 
 
 def load_tokenizer(spec: ModelSpec, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
