@@ -47,7 +47,9 @@ transformers.utils.logging.disable_progress_bar()
 
 
 def _progress(enabled: bool) -> Progress | nullcontext:
-    if not enabled:
+    """Rich progress bars on stderr, only where it is a terminal: in a log or a pipe, the last frame of a bar
+    would land between the lines a script reads (an error must stay the only line on stderr)."""
+    if not enabled or not console.is_terminal:
         return nullcontext()
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
@@ -58,10 +60,10 @@ def _progress(enabled: bool) -> Progress | nullcontext:
 
 def _counted(items: Iterable[Any], description: str, enabled: bool) -> Iterator[Any]:
     """`items`, with a progress bar counting them (their number is not known in advance: input is streamed)."""
-    if not enabled:
-        yield from items
-        return
-    with _progress(True) as progress:
+    with _progress(enabled) as progress:
+        if progress is None:
+            yield from items
+            return
         task = progress.add_task(description, total=None, rate="")
         for item in items:
             yield item
