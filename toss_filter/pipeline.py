@@ -11,6 +11,7 @@ import shutil
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +82,41 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def _token_rows(ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, indices: Iterable[int]) -> list[TokenRow]:
+def token_rows(ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, indices: Iterable[int]) -> list[TokenRow]:
     return [(ids[offsets[i]:offsets[i + 1]], labels[offsets[i]:offsets[i + 1]]) for i in indices]
+
+
+@dataclass
+class ScoredRun:
+    """A run directory's tokens and current scores as flat arrays (row i is `[offsets[i]:offsets[i + 1]]`), and
+    where its response tokens are: `response` indexes the flat arrays, `response_per_row` counts them per row."""
+
+    state: dict[str, Any]
+    tokens: pa.Table
+    input_ids: np.ndarray
+    labels: np.ndarray
+    offsets: np.ndarray
+    nll_safety: np.ndarray
+    nll_utility: np.ndarray
+    token_row: np.ndarray
+    response: np.ndarray
+    response_per_row: np.ndarray
+
+
+def load_scored_run(run: RunDir) -> ScoredRun:
+    """What `select` and TOSS-Pro read from a run directory that `score` has filled."""
+    state = run.read_json("run.json")
+    tokens = run.read_tokens()
+    scores = run.read_scores(state["score_key"], state["shards"])
+    if not np.array_equal(scores.column("row").to_numpy(), tokens.column("row").to_numpy()):
+        raise ConfigError(f"{run.path}: score shards do not match tokens.arrow; re-run `toss-filter score`")
+    input_ids, offsets = list_column(tokens, "input_ids")
+    labels, _ = list_column(tokens, "labels")
+    token_row = np.repeat(np.arange(tokens.num_rows), np.diff(offsets))
+    response = np.flatnonzero(labels != IGNORE_INDEX)
+    return ScoredRun(state, tokens, input_ids, labels, offsets, list_column(scores, "nll_safety")[0],
+                     list_column(scores, "nll_utility")[0], token_row, response,
+                     np.bincount(token_row[response], minlength=tokens.num_rows))
 
 
 def score(config: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
@@ -142,7 +176,7 @@ def score(config: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
             nonlocal score_s
             span = shard_span(shard)
             started = time.perf_counter()
-            nll = scorer.nll_roles(roles, _token_rows(ids_flat, labels_flat, offsets, span),
+            nll = scorer.nll_roles(roles, token_rows(ids_flat, labels_flat, offsets, span),
                                    {role: reporter(role) for role in roles})
             score_s += time.perf_counter() - started
             shard_offsets = offsets[span.start:span.stop + 1] - offsets[span.start]
@@ -215,7 +249,7 @@ def verify_against_torch(run: RunDir, key: str, shards: int, tokens: pa.Table, r
     candidates = [i for i in range(tokens.num_rows) if scored_positions(labels_flat[offsets[i]:offsets[i + 1]]).any()]
     rng = np.random.default_rng(VERIFY_SEED)
     chosen = np.sort(rng.choice(candidates, min(config.verify, len(candidates)), replace=False))
-    rows = _token_rows(ids_flat, labels_flat, offsets, chosen)
+    rows = token_rows(ids_flat, labels_flat, offsets, chosen)
     stored = run.read_scores(key, shards)
     torch_scorer = TorchScorer(references, resolve_device(config.device), config.max_batch_tokens)
     theirs, ours = [], []
@@ -233,28 +267,18 @@ def select(config: SelectConfig, show_progress: bool = True) -> dict[str, Any]:
     `toss_filter.data.write` for its contract), the rejected rows, the sidecar and stats.json."""
     started = time.perf_counter()
     run = RunDir(config.run_dir)
-    state = run.read_json("run.json")
+    scored = load_scored_run(run)
+    state, tokens, input_ids, labels, offsets = scored.state, scored.tokens, scored.input_ids, scored.labels, scored.offsets
+    token_row, response, response_per_row = scored.token_row, scored.response, scored.response_per_row
     if "rounds" in state and state["refine"]["flagged_with"] != flagging(config):
         log.warning("these scores come from TOSS-Pro rounds that flagged tokens with %s, not with this selection's "
                     "%s; re-run `filter --rounds` to refine θs for these settings", state["refine"]["flagged_with"],
                     flagging(config))
-    tokens = run.read_tokens()
-    scores = run.read_scores(state["score_key"], state["shards"])
-    if not np.array_equal(scores.column("row").to_numpy(), tokens.column("row").to_numpy()):
-        raise ConfigError(f"{run.path}: score shards do not match tokens.arrow; re-run `toss-filter score`")
-
-    input_ids, offsets = list_column(tokens, "input_ids")
-    labels, _ = list_column(tokens, "labels")
-    nll_safety, _ = list_column(scores, "nll_safety")
-    nll_utility, _ = list_column(scores, "nll_utility")
-    n_rows, lengths = tokens.num_rows, np.diff(offsets)
-    token_row = np.repeat(np.arange(n_rows), lengths)
-    position = np.arange(len(input_ids)) - np.repeat(offsets[:-1], lengths)
-    token_score = (nll_utility - nll_safety).astype(np.float32)  # S(t) = nll_u(t) - nll_s(t); NaN if unscored
-
-    response = np.flatnonzero(labels != IGNORE_INDEX)
+    n_rows = tokens.num_rows
+    position = positions_in_rows(np.diff(offsets))
+    # S(t) = nll_u(t) - nll_s(t); NaN if unscored
+    token_score = (scored.nll_utility - scored.nll_safety).astype(np.float32)
     response_scores = token_score[response]
-    response_per_row = np.bincount(token_row[response], minlength=n_rows)
     unsafe = choose_unsafe(response_scores, response_per_row, config.ratio, config.strategy, config.scope,
                            config.threshold, config.seed)
 

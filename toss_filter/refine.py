@@ -30,7 +30,7 @@ from toss_filter.config import RefineConfig, ScoreConfig, SelectConfig, as_dict
 from toss_filter.data.tokenize import IGNORE_INDEX
 from toss_filter.data.write import list_array
 from toss_filter.errors import ConfigError
-from toss_filter.run import RunDir, list_column, model_fingerprint, score_key
+from toss_filter.run import RunDir, model_fingerprint, score_key
 from toss_filter.score.models import resolve_spec
 from toss_filter.score.torch_backend import TorchScorer
 from toss_filter.select import choose_unsafe
@@ -80,27 +80,21 @@ def refine_rounds(score_config: ScoreConfig, select_config: SelectConfig, refine
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from toss_filter.pipeline import console, resolve_device, resolve_dtype
-    from toss_filter.score.models import load_tokenizer
+    from toss_filter.pipeline import console, load_scored_run, resolve_device, resolve_dtype, token_rows
+    from toss_filter.score.models import load_tokenizer, mergeable
     from toss_filter.train import fit_adapter, save_adapter
 
     check_refinable(score_config, select_config)
     spec = resolve_spec("safety", score_config.safety_model, score_config.base_model)
     run = RunDir(score_config.run_dir)
-    state = run.read_json("run.json")
-    tokens = run.read_tokens()
-    scores = run.read_scores(state["score_key"], state["shards"])
-    input_ids, offsets = list_column(tokens, "input_ids")
-    labels, _ = list_column(tokens, "labels")
-    nll_safety, _ = list_column(scores, "nll_safety")
-    nll_utility, _ = list_column(scores, "nll_utility")
-    response = np.flatnonzero(labels != IGNORE_INDEX)
-    response_per_row = np.bincount(np.repeat(np.arange(tokens.num_rows), np.diff(offsets))[response],
-                                   minlength=tokens.num_rows)
+    scored = load_scored_run(run)
+    state, tokens, input_ids, offsets = scored.state, scored.tokens, scored.input_ids, scored.offsets
+    nll_safety, nll_utility = scored.nll_safety, scored.nll_utility
+    response, response_per_row = scored.response, scored.response_per_row
     device = resolve_device(score_config.device)
     dtype = resolve_dtype(score_config.dtype, device)  # θs is re-scored in the dtype θu was scored in
     tokenizer = load_tokenizer(spec, score_config.trust_remote_code)
-    rows = [(input_ids[offsets[i]:offsets[i + 1]], labels[offsets[i]:offsets[i + 1]]) for i in range(tokens.num_rows)]
+    rows = token_rows(input_ids, scored.labels, offsets, range(tokens.num_rows))
 
     entries: list[dict[str, Any]] = []
     adapter, previous = spec.path, None
@@ -130,7 +124,7 @@ def refine_rounds(score_config: ScoreConfig, select_config: SelectConfig, refine
         save_adapter(model, target)
         adapter = str(target)
         # Scored as score/models.py would: merged in float32, unmerged (and cast) otherwise.
-        scorer_model = model.merge_and_unload() if dtype == torch.float32 else model.to(dtype).get_base_model()
+        scorer_model = model.merge_and_unload() if mergeable(model, dtype) else model.to(dtype).get_base_model()
         nll_safety = np.concatenate(TorchScorer(device=device, max_batch_tokens=score_config.max_batch_tokens)
                                     .model_nll(scorer_model.eval().to(device), rows)).astype(np.float32)
         del model, base, scorer_model

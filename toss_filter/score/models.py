@@ -129,23 +129,13 @@ class ReferenceModels:
                 model = self._load_full(spec.base or spec.path, role)
                 if spec.is_adapter:
                     model = self._load_adapter(spec, model, "default")
-                    model = model.merge_and_unload() if self._mergeable(model) else model
+                    model = model.merge_and_unload() if mergeable(model, self.dtype) else model
                 self._models[role] = model
             return
         shared = self._load_adapter(safety, self._load_full(safety.base, "base"), adapter_name="safety")
         self._load_adapter(utility, shared, adapter_name="utility")
-        self.one_role_at_a_time = self._mergeable(shared)
+        self.one_role_at_a_time = mergeable(shared, self.dtype)
         self._models, self._merged = {"safety": shared, "utility": shared}, None
-
-    def _mergeable(self, model: torch.nn.Module) -> bool:
-        from peft.tuners.lora import LoraLayer
-
-        plain = all(not c.modules_to_save and not c.use_dora and c.bias == "none" and not getattr(c, "lora_bias", False)
-                    for c in model.peft_config.values())
-        tied = {id(model.get_input_embeddings().weight)}
-        layers = [m.get_base_layer() for m in model.modules() if isinstance(m, LoraLayer)]
-        return (self.dtype == torch.float32 and plain
-                and all(isinstance(layer, torch.nn.Linear) and id(layer.weight) not in tied for layer in layers))
 
     def _load_full(self, path: str, role: str) -> torch.nn.Module:
         try:
@@ -203,3 +193,15 @@ class ReferenceModels:
     def describe(self) -> dict[str, Any]:
         return {role: spec.describe() for role, spec in self.specs.items()} | {"shared_base": self.shared_base}
 
+
+def mergeable(model: torch.nn.Module, dtype: torch.dtype) -> bool:
+    """Whether a peft model's adapters are merged for scoring (see the module docstring): float32, plain LoRA on
+    Linear layers, none of them tied to the input embeddings."""
+    from peft.tuners.lora import LoraLayer
+
+    plain = all(not c.modules_to_save and not c.use_dora and c.bias == "none" and not getattr(c, "lora_bias", False)
+                for c in model.peft_config.values())
+    tied = {id(model.get_input_embeddings().weight)}
+    layers = [m.get_base_layer() for m in model.modules() if isinstance(m, LoraLayer)]
+    return (dtype == torch.float32 and plain
+            and all(isinstance(layer, torch.nn.Linear) and id(layer.weight) not in tied for layer in layers))

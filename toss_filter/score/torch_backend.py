@@ -65,7 +65,6 @@ def default_batch_tokens(device: str) -> int:
 
 
 class TorchScorer:
-
     def __init__(self, references: ReferenceModels | None = None, device: str = "cpu",
                  max_batch_tokens: int | None = None, logits_chunk: int = 256):
         self.references, self.device = references, device
