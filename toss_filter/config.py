@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from toss_filter.errors import ConfigError
-from toss_filter.data.write import OUTPUT_FORMATS
+from toss_filter.data.write import check_output
 from toss_filter.select import STRATEGIES
 
 BACKENDS = ("torch", "vllm")
@@ -114,11 +114,7 @@ class SelectConfig:
             raise ConfigError(f"--ratio must be within [0, 1], got {self.ratio}")
         _choice("scope", self.scope, SCOPES)
         _choice("strategy", self.strategy, STRATEGIES)
-        _choice("format", self.format, OUTPUT_FORMATS)
-        if self.format != "arrow" and Path(self.output).is_dir():
-            raise ConfigError(f"--format {self.format} writes one file, but --output {self.output} is a directory")
-        if self.format == "torchtune" and self.emit_assistant_masks:
-            raise ConfigError("--emit-assistant-masks is for TRL <= 1.6; torchtune reads its own mask column")
+        check_output(Path(self.output), self.format, self.emit_assistant_masks)
         if self.strategy != "toss" and (self.scope != "global" or self.threshold is not None):
             raise ConfigError(f"--scope and --threshold refine --strategy toss only, not {self.strategy}")
         if Path(self.output).resolve() == Path(self.run_dir).resolve():

@@ -40,7 +40,7 @@ def _umask() -> int:
     return umask
 
 
-def _temp_file(target: Path) -> str:
+def temp_file(target: Path) -> str:
     """A temporary file beside `target`, with the permissions a plain `open` would give (mkstemp's are 0600)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
@@ -50,7 +50,7 @@ def _temp_file(target: Path) -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = _temp_file(path)
+    tmp = temp_file(path)
     Path(tmp).write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
@@ -118,7 +118,7 @@ class RunDir:
         return self.path / "tokens.arrow"
 
     def write_tokens(self, table: pa.Table) -> None:
-        tmp = _temp_file(self.tokens_path)
+        tmp = temp_file(self.tokens_path)
         with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
         os.replace(tmp, self.tokens_path)
@@ -146,7 +146,7 @@ class RunDir:
 
     def write_shard(self, key: str, shard: int, table: pa.Table) -> None:
         target = self.shard_path(key, shard)
-        tmp = _temp_file(target)
+        tmp = temp_file(target)
         pq.write_table(table, tmp)
         os.replace(tmp, target)  # the shard appears only once it is complete: that is the resume marker
 

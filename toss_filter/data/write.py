@@ -37,7 +37,7 @@ from datasets import Dataset
 
 from toss_filter.data.tokenize import IGNORE_INDEX
 from toss_filter.errors import ConfigError
-from toss_filter.run import _temp_file, replace_dir, staging_dir
+from toss_filter.run import temp_file, replace_dir, staging_dir
 
 OUTPUT_FORMATS = ("arrow", "parquet", "jsonl", "torchtune")
 # Rows per Parquet row group and per JSONL batch: at 2048 tokens a row, about 26 MB of columns, so a reader can
@@ -92,20 +92,13 @@ def save_output(table: pa.Table, target: Path, format: str = "arrow", emit_assis
     `emit_assistant_masks` with `torchtune`: no torchtune code reads `assistant_masks`, so the column would be
     dead weight that looks like it does something.
     """
-    if format not in OUTPUT_FORMATS:
-        raise ConfigError(f"unknown output format '{format}': choose one of {', '.join(OUTPUT_FORMATS)}")
-    if format == "torchtune" and emit_assistant_masks:
-        raise ConfigError("--emit-assistant-masks does not apply to the torchtune format: torchtune never reads "
-                          "`assistant_masks` (its loss mask is the `mask` column); the masks are for TRL <= 1.6 "
-                          "with packing")
     target = Path(target)
+    check_output(target, format, emit_assistant_masks)
     if format == "arrow":
         return save_dataset(with_assistant_masks(table) if emit_assistant_masks else table, target)
-    if target.is_dir():
-        raise ConfigError(f"{target} is a directory; the {format} format writes a single file: name a file")
     convert = torchtune_batch if format == "torchtune" else with_assistant_masks if emit_assistant_masks else None
     write = write_jsonl if format == "jsonl" else write_parquet
-    tmp = Path(_temp_file(target))
+    tmp = Path(temp_file(target))
     try:
         write(table, tmp, convert)
     except BaseException:
@@ -113,6 +106,18 @@ def save_output(table: pa.Table, target: Path, format: str = "arrow", emit_assis
         raise
     os.replace(tmp, target)
     return target
+
+
+def check_output(target: Path, format: str, emit_assistant_masks: bool) -> None:
+    """Refuse what `save_output` cannot write; `SelectConfig` calls it too, so a bad choice fails before scoring."""
+    if format not in OUTPUT_FORMATS:
+        raise ConfigError(f"unknown output format '{format}': choose one of {', '.join(OUTPUT_FORMATS)}")
+    if format == "torchtune" and emit_assistant_masks:
+        raise ConfigError("--emit-assistant-masks does not apply to the torchtune format: torchtune never reads "
+                          "`assistant_masks` (its loss mask is the `mask` column); the masks are for TRL <= 1.6 "
+                          "with packing")
+    if format != "arrow" and Path(target).is_dir():
+        raise ConfigError(f"{target} is a directory; the {format} format writes a single file: name a file")
 
 
 Convert = Callable[[pa.RecordBatch], pa.RecordBatch] | None
