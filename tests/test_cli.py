@@ -94,10 +94,11 @@ def test_strategy_refuses_scope_and_threshold_options(tmp_path, data, tiny_model
 def test_train_ref_command_writes_an_adapter_with_training_record(tmp_path, data, tiny_models):
     stdout = invoke("train-ref", data, "--base-model", tiny_models["base"], "--output", tmp_path / "adapter",
                     "--target-modules", "q_proj,v_proj", "--rank", "4", "--learning-rate", "1e-3",
-                    "--epochs", "1", "--batch-size", "2", "--micro-batch-size", "2")
+                    "--epochs", "1", "--batch-size", "2", "--micro-batch-size", "2", "--max-rows", "4")
     record = json.loads((tmp_path / "adapter" / "training.json").read_text())
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
-    assert record["rows_trained"] == len(ROWS) and record["optimizer_steps"] == 3
+    assert record["rows_in"] == record["rows_trained"] == 4 < len(ROWS)  # --max-rows: the first 4 rows only
+    assert record["optimizer_steps"] == 2 and record["settings"]["max_rows"] == 4
     assert record["settings"]["target_modules"] == ["q_proj", "v_proj"] and record["settings"]["rank"] == 4
     assert f"adapter:  {tmp_path / 'adapter'}" in stdout
 

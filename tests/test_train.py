@@ -43,3 +43,8 @@ def test_train_ref_and_filter_see_identical_tokens_and_masks(trained, tiny_model
 def test_batch_size_must_be_a_multiple_of_the_micro_batch(tmp_path):
     with pytest.raises(ConfigError, match="multiple"):
         TrainRefConfig("d.jsonl", "base", str(tmp_path / "a"), batch_size=10, micro_batch_size=4)
+
+
+def test_max_rows_must_be_positive(tmp_path):
+    with pytest.raises(ConfigError, match="--max-rows"):
+        TrainRefConfig("d.jsonl", "base", str(tmp_path / "a"), max_rows=0)

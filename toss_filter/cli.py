@@ -261,6 +261,7 @@ def train_ref_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Adapter directory to write (PEFT format + training.json).")],
     split: Split = None, column: Column = None, template: Template = "chat",
     max_length: Annotated[int, typer.Option("--max-length", help="Truncate rows to N tokens.")] = 2048,
+    max_rows: Annotated[Optional[int], typer.Option("--max-rows", help="Train on the first N rows only (default: all).")] = None,
     rank: Annotated[int, typer.Option("--rank", help="LoRA rank r.")] = 16,
     alpha: Annotated[int, typer.Option("--alpha", help="LoRA alpha.")] = 16,
     dropout: Annotated[float, typer.Option("--dropout", help="LoRA dropout.")] = 0.0,
@@ -281,7 +282,7 @@ def train_ref_command(
         modules = [name.strip() for name in target_modules.split(",") if name.strip()]
         return train_reference(TrainRefConfig(
             data=data, base_model=base_model, output=str(output), split=split, columns=_columns(column),
-            template=template, max_length=max_length, rank=rank, alpha=alpha, dropout=dropout,
+            template=template, max_length=max_length, max_rows=max_rows, rank=rank, alpha=alpha, dropout=dropout,
             target_modules=modules, learning_rate=learning_rate, epochs=epochs, batch_size=batch_size,
             micro_batch_size=micro_batch_size, seed=seed, trust_remote_code=trust_remote_code,
         ))

@@ -17,6 +17,7 @@ TOSS-Pro refinement reuses it on labels restricted to the flagged tokens.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class TrainRefConfig:
     columns: dict[str, str] = field(default_factory=dict)
     template: str = "chat"
     max_length: int = 2048
+    max_rows: int | None = None
     rank: int = 16
     alpha: int = 16
     dropout: float = 0.0
@@ -64,6 +66,8 @@ class TrainRefConfig:
             raise ConfigError("--batch-size must be a positive multiple of --micro-batch-size")
         if self.learning_rate <= 0 or self.epochs <= 0 or self.rank < 1:
             raise ConfigError("--learning-rate, --epochs and --rank must be positive")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ConfigError("--max-rows must be positive")
 
 
 def fit_adapter(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: Dataset, *, learning_rate: float,
@@ -113,7 +117,8 @@ def train_reference(config: TrainRefConfig) -> dict[str, Any]:
     except (OSError, ValueError) as err:
         raise ConfigError(f"--base-model: cannot load {config.base_model}: {err}") from err
     encode = ConversationTokenizer(tokenizer, resolve_format(tokenizer, config.template), config.max_length)
-    tokens = tokenize_rows(load_conversations(config.data, config.split, config.columns), encode, config.data)
+    conversations = itertools.islice(load_conversations(config.data, config.split, config.columns), config.max_rows)
+    tokens = tokenize_rows(conversations, encode, config.data)
     rows = trainable_rows(tokens)
     if len(rows) == 0:
         raise ConfigError(f"{config.data}: no row has a response token to train on")
