@@ -12,6 +12,11 @@ Inputs (read-only), from the offline data folder (``--shared``):
   jailbreak ``prompt``). Behaviour indices 0-69 are for training, 70-99 are
   held out.
 * ``gsm8k/{train,test}.jsonl`` (MIT): benign maths word problems.
+* ``harmbench/harmbench_behaviors_text_test.csv`` (MIT): harmful prompts for
+  the reproduction's refusal test; behaviours close to a JBB goal are left out.
+* ``llms-finetuning-safety/databricks-dolly-15k-safety-only.jsonl`` (Dolly,
+  CC BY-SA 3.0): benign answers to prompts that a safety keyword filter
+  caught, i.e. benign text that sounds unsafe.
 
 Outputs (JSONL, one object per line: ``messages``, ``source``, ``label``):
 
@@ -20,6 +25,8 @@ Outputs (JSONL, one object per line: ``messages``, ``source``, ``label``):
 * ``custom_mix.jsonl``       gsm8k train rows 4000-4159 + 40 held-out harmful rows, shuffled
 * ``harmful_heldout.jsonl``  harmful, indices 70-99, minus those in custom_mix
 * ``benign_heldout.jsonl``   gsm8k test rows 0-99
+* ``benign_safety_adjacent.jsonl``  100 Dolly safety-only rows without context
+* ``harmful_prompts_eval.jsonl``    HarmBench test "standard" prompts, no JBB near-duplicates
 
 Standard library only and deterministic (sorted inputs, fixed seeds), so
 rerunning it gives byte-identical files. Usage::
@@ -30,6 +37,8 @@ rerunning it gives byte-identical files. Usage::
 from __future__ import annotations
 
 import argparse
+import csv
+import difflib
 import json
 import random
 import sys
@@ -48,6 +57,10 @@ CUSTOM_BENIGN_ROWS = range(4000, 4160)  # gsm8k train (160 rows, disjoint from t
 CUSTOM_N_HARMFUL = 40
 CUSTOM_MAX_PER_BEHAVIOUR = 2
 BENIGN_HELDOUT_ROWS = range(0, 100)  # gsm8k test
+SAFETY_ADJACENT_ROWS = 100  # Dolly safety-only rows without context, seeded sample
+# A HarmBench behaviour this similar to a JBB goal (difflib ratio, lower case) counts as the same request: the
+# reproduction's custom set holds JBB goals, so such prompts would not be held out.
+NEAR_DUPLICATE_RATIO = 0.8
 
 
 def _is_true(value) -> bool:
@@ -117,6 +130,33 @@ def load_gsm8k(shared: Path, split: str, rows: range) -> list[dict]:
         item = json.loads(lines[i])
         out.append(_row(item["question"], item["answer"], f"gsm8k/{split}#{i}", "benign"))
     return out
+
+
+def load_safety_adjacent(shared: Path, n: int, seed: int) -> list[dict]:
+    """``n`` Dolly rows that Qi et al.'s safety keyword filter removed, context-free ones only (the user turn
+    is then the whole instruction), in seeded random order."""
+    path = shared / "llms-finetuning-safety" / "databricks-dolly-15k-safety-only.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    candidates = [i for i, line in enumerate(lines) if not json.loads(line)["context"].strip()]
+    picked = random.Random(seed).sample(candidates, n)
+    return [_row(json.loads(lines[i])["instruction"], json.loads(lines[i])["response"],
+                 f"dolly-safety-only#{i}", "benign") for i in sorted(picked)]
+
+
+def load_eval_prompts(shared: Path, jbb_goals: list[str]) -> list[dict]:
+    """HarmBench test behaviours of the "standard" kind (no context string, no copyright), minus those that
+    repeat a JBB goal."""
+    path = shared / "harmbench" / "harmbench_behaviors_text_test.csv"
+    with path.open(encoding="utf-8", newline="") as f:
+        behaviours = [b for b in csv.DictReader(f) if b["FunctionalCategory"] == "standard"]
+    goals = [goal.lower() for goal in jbb_goals]
+
+    def repeats_a_goal(text: str) -> bool:
+        return any(difflib.SequenceMatcher(None, text.lower(), goal).ratio() >= NEAR_DUPLICATE_RATIO
+                   for goal in goals)
+
+    return [{"prompt": b["Behavior"].strip(), "source": f"harmbench/test#{b['BehaviorID']}",
+             "category": b["SemanticCategory"]} for b in behaviours if not repeats_a_goal(b["Behavior"])]
 
 
 def pick_custom_harmful(heldout: list[tuple[int, str, dict]], n: int, max_per: int, seed: int) -> list[dict]:
@@ -189,11 +229,16 @@ def main(argv: list[str] | None = None) -> int:
         "custom_mix.jsonl": custom_mix,
         "harmful_heldout.jsonl": harmful_heldout,
         "benign_heldout.jsonl": load_gsm8k(shared, "test", BENIGN_HELDOUT_ROWS),
+        "benign_safety_adjacent.jsonl": load_safety_adjacent(shared, SAFETY_ADJACENT_ROWS, SEED),
     }
     for name, rows in outputs.items():
         write_jsonl(out / name, rows)
         n_harm = sum(r["label"] == "harmful" for r in rows)
-        print(f"{name:24s} {len(rows):4d} rows ({n_harm} harmful, {len(rows) - n_harm} benign)")
+        print(f"{name:28s} {len(rows):4d} rows ({n_harm} harmful, {len(rows) - n_harm} benign)")
+    jbb_goals = sorted({row["messages"][0]["content"] for _, _, row in harmful})
+    prompts = load_eval_prompts(shared, jbb_goals)
+    write_jsonl(out / "harmful_prompts_eval.jsonl", prompts)
+    print(f"{'harmful_prompts_eval.jsonl':28s} {len(prompts):4d} prompts")
     return 0
 
 
