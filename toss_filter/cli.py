@@ -163,7 +163,7 @@ def _config(cls: type, params: dict[str, Any], **overrides: Any) -> Any:
     """`cls` (a config dataclass) from a command's parameters: options are named after the config fields, so a
     command's `locals()` map onto its config; list options are parsed first."""
     params = params | {"columns": _columns(params.get("column")), "vllm_args": _vllm_args(params.get("vllm_arg"))}
-    params |= {"run_dir": str(params["run_dir"]), "output": str(params.get("output"))} | overrides
+    params |= {key: str(params[key]) for key in ("run_dir", "output") if params.get(key) is not None} | overrides
     return cls(**{f.name: params[f.name] for f in dataclasses.fields(cls) if f.name in params})
 
 
@@ -278,16 +278,9 @@ def train_ref_command(
     benign task data (docs/references.md)."""
     from toss_filter.train import TrainRefConfig, train_reference
 
-    def action() -> dict[str, Any]:
-        modules = [name.strip() for name in target_modules.split(",") if name.strip()]
-        return train_reference(TrainRefConfig(
-            data=data, base_model=base_model, output=str(output), split=split, columns=_columns(column),
-            template=template, max_length=max_length, max_rows=max_rows, rank=rank, alpha=alpha, dropout=dropout,
-            target_modules=modules, learning_rate=learning_rate, epochs=epochs, batch_size=batch_size,
-            micro_batch_size=micro_batch_size, seed=seed, trust_remote_code=trust_remote_code,
-        ))
-
-    record = _run(action)
+    params = dict(locals())
+    modules = [name.strip() for name in target_modules.split(",") if name.strip()]
+    record = _run(lambda: train_reference(_config(TrainRefConfig, params, target_modules=modules)))
     if not quiet:
         typer.echo(f"trained on {record['rows_trained']} rows ({record['response_tokens']} response tokens), "
                    f"{record['optimizer_steps']} steps, loss {record['first_loss']:.3f} → {record['final_loss']:.3f}")
