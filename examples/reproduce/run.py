@@ -133,8 +133,8 @@ def evaluate(adapter: Path | None, result: Path, args: argparse.Namespace) -> di
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     encode = ConversationTokenizer(tokenizer, resolve_format(tokenizer, "chat"), 2048)
     prompts = [r["prompt"] for r in read_jsonl(DATA / "harmful_prompts_eval.jsonl")][:args.eval_prompts]
-    unseen = [read_jsonl(DATA / "harmful_train.jsonl")[i]["messages"] for i in UNSEEN_HARMFUL_ROWS]
-    unseen = random.Random(args.seed).sample(unseen, args.eval_rows)
+    harmful_train = read_jsonl(DATA / "harmful_train.jsonl")
+    unseen = random.Random(args.seed).sample([harmful_train[i]["messages"] for i in UNSEEN_HARMFUL_ROWS], args.eval_rows)
     same_behaviour = [r["messages"] for r in read_jsonl(DATA / "harmful_heldout.jsonl")][:args.eval_rows]
     benign = [r["messages"] for r in read_jsonl(DATA / "benign_heldout.jsonl")][:max(args.eval_rows, args.gsm8k_questions)]
     rate, replies = refusal_rate(model, tokenizer, prompts, args.max_new_tokens)
