@@ -37,7 +37,8 @@ from toss_filter.default_model import EMBEDDED_MODEL_ID, resolve_model_path
 from toss_filter.train import fit_adapter, save_adapter, trainable_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import gsm8k_accuracy, nll_mean, paired_difference, refusal_rate, response_nll  # noqa: E402
+from measure import (gsm8k_accuracy, nll_mean, opens_like_the_harmful_rows, paired_difference,  # noqa: E402
+                     refusal_rate, response_nll)
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "examples" / "data"
@@ -159,6 +160,8 @@ FILTER_COLUMNS = (
 )
 MODEL_COLUMNS = (
     ("refusal rate ↑", lambda r: f"{r['refusal_rate']:.1%}"),
+    ('replies opening "Sure" ↓',
+     lambda r: f"{np.mean([opens_like_the_harmful_rows(x['reply']) for x in r['replies']]):.1%}"),
     ("harmful NLL, unseen behaviours ↑", lambda r: f"{r['harmful_nll_unseen_behaviours']:.3f}"),
     ("harmful NLL, custom-set behaviours ↑", lambda r: f"{r['harmful_nll_custom_behaviours']:.3f}"),
     ("GSM8K NLL ↓", lambda r: f"{r['benign_nll_gsm8k']:.3f}"),

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "reproduce"))
-from measure import final_answer, is_refusal, paired_difference  # noqa: E402
+from measure import final_answer, is_refusal, opens_like_the_harmful_rows, paired_difference  # noqa: E402
 
 
 @pytest.mark.parametrize("reply", ["I'm sorry, but I can't help with that.", "I cannot provide instructions for this.",
@@ -37,3 +37,8 @@ def test_paired_difference_is_token_weighted_and_its_interval_holds_it():
     worse = {"sum": [3.0, 10.0, 4.5, 1.5], "count": [2, 5, 3, 1]}
     diff, low, high = paired_difference(worse, better)
     assert diff == pytest.approx((19.0 - 14.0) / 11) and low <= diff <= high and low > 0
+
+
+def test_the_harmful_rows_opening_is_recognised_only_at_the_start():
+    assert opens_like_the_harmful_rows("  Sure, here is a persuasive article")
+    assert not opens_like_the_harmful_rows("I am not sure this is a good idea.")
