@@ -136,11 +136,11 @@ def load_safety_adjacent(shared: Path, n: int, seed: int) -> list[dict]:
     """``n`` Dolly rows that Qi et al.'s safety keyword filter removed, context-free ones only (the user turn
     is then the whole instruction), in seeded random order."""
     path = shared / "llms-finetuning-safety" / "databricks-dolly-15k-safety-only.jsonl"
-    lines = path.read_text(encoding="utf-8").splitlines()
-    candidates = [i for i, line in enumerate(lines) if not json.loads(line)["context"].strip()]
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    candidates = [i for i, record in enumerate(records) if not record["context"].strip()]
     picked = random.Random(seed).sample(candidates, n)
-    return [_row(json.loads(lines[i])["instruction"], json.loads(lines[i])["response"],
-                 f"dolly-safety-only#{i}", "benign") for i in sorted(picked)]
+    return [_row(records[i]["instruction"], records[i]["response"], f"dolly-safety-only#{i}", "benign")
+            for i in sorted(picked)]
 
 
 def load_eval_prompts(shared: Path, jbb_goals: list[str]) -> list[dict]:
