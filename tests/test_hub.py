@@ -28,6 +28,8 @@ from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
 from conftest import chat, write_jsonl
 from toss_filter import ScoreConfig, SelectConfig, filter_dataset
+from toss_filter import hub as toss_hub
+from toss_filter.data.write import ShardedDataset
 from toss_filter.errors import ConfigError, TossError
 from toss_filter.hub import BUCKETS, dataset_card, push_output
 from toss_filter.run import RunDir, list_column
@@ -314,6 +316,36 @@ def test_push_uploads_exactly_the_rows_and_the_card_to_a_new_private_repo_on_a_b
     assert all(TOKEN.encode() not in content for content in files.values())
     after = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
     assert after == before  # the run directory is only read
+
+
+def test_a_multi_file_output_is_pushed_memory_mapped_in_shards_sized_by_its_files(filtered, hub, tmp_path, monkeypatch):
+    """An output written shard by shard (three Arrow files, one empty): push_to_hub gets it memory-mapped, file by
+    file, never as an in-memory table, and the Hub shard count comes from the files' sizes on disk."""
+    output, run = filtered
+    table = load_from_disk(str(output)).data.table
+    half = table.num_rows // 2
+    data = ShardedDataset(tmp_path / "staging", 3, table.schema)
+    for shard, (start, rows) in enumerate([(0, half), (half, 0), (half, table.num_rows - half)]):
+        data.write(shard, table.slice(start, rows))
+    resharded = data.finish(tmp_path / "out")
+    on_disk = sum(path.stat().st_size for path in resharded.glob("data-*.arrow"))
+    monkeypatch.setattr(toss_hub, "SHARD_BYTES", on_disk // 2 + 1)  # two Hub shards
+    seen = []
+    real = Dataset.push_to_hub
+
+    def spy(self, *args, **kwargs):
+        seen.append({"tables": {type(block).__name__ for blocks in self.data.blocks for block in blocks},
+                     "files": len(self.cache_files), "num_shards": kwargs["num_shards"]})
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Dataset, "push_to_hub", spy)
+    result = push_output(resharded, "org/multi", run_dir=run, token=TOKEN)
+    assert seen == [{"tables": {"MemoryMappedTable"}, "files": 3, "num_shards": 2}]
+    shards = ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"]
+    assert result["files"] == shards + ["README.md"] and result["rows"] == table.num_rows
+    files = hub.files("org/multi")
+    assert sorted(files) == [".gitattributes", "README.md", *shards]
+    assert [row for shard in shards for row in parquet_rows(files[shard])] == load_from_disk(str(output)).to_list()
 
 
 def test_pushed_repo_loads_back_with_load_dataset(filtered, hub, tmp_path):

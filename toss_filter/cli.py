@@ -1,4 +1,4 @@
-"""`toss-filter`: a thin typer shell over `toss_filter.pipeline`. Options become a config dataclass; no logic here.
+"""`toss-filter`: a thin typer shell over `toss_filter.api`. Options become a config dataclass; no logic here.
 
 Exit codes: 0 success; 1 an unexpected error (a traceback: please report it); 2 a problem with the input, an option,
 a model, the Hub, or a failed --verify (one line on stderr); 130 interrupted (completed score shards are kept).
@@ -16,7 +16,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from toss_filter.config import RefineConfig, ScoreConfig, SelectConfig
+from toss_filter.config import ExecutorConfig, RefineConfig, ScoreConfig, SelectConfig
 from toss_filter.errors import ConfigError, TossError
 from toss_filter.run import default_run_dir
 
@@ -50,7 +50,17 @@ VllmArg = Annotated[Optional[list[str]], typer.Option("--vllm-arg", help="vllm: 
 Dtype = Annotated[str, typer.Option("--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16. Log-softmax is float32 always.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")]
 BatchTokens = Annotated[Optional[int], typer.Option("--max-batch-tokens", show_default=False, help="Padded tokens per forward pass of the torch backend and --verify [default: 2048 on CPU, 8192 on GPU]; vLLM's is --vllm-arg max_num_batched_tokens (default 2048).")]
-ShardRows = Annotated[int, typer.Option("--shard-rows", help="Rows per score shard: the unit of resume.")]
+ShardRows = Annotated[int, typer.Option("--shard-rows", help="Rows per shard: the unit of every step, of parallel work and of resume.")]
+DatasetName = Annotated[Optional[str], typer.Option("--name", help="The config of a Hub dataset that has several (datasets.load_dataset's name).")]
+NumProc = Annotated[int, typer.Option("--num-proc", help="Tokenizer processes.")]
+ShardSlice = Annotated[Optional[str], typer.Option("--shard-slice", help="I/N: score only every N-th shard from the I-th (Slurm arrays, torchrun, any launcher); a final `select` assembles the slices.")]
+ExecutorOpt = Annotated[str, typer.Option("--executor", help="local (this process) or ray (Ray Data: one scorer actor per replica; docs/scale.md).")]
+RayAddress = Annotated[Optional[str], typer.Option("--ray-address", help="ray: the cluster to join (default: RAY_ADDRESS, else a local Ray).")]
+Replicas = Annotated[int, typer.Option("--replicas", help="ray: scorer actors, each holding both references.")]
+GpusPerReplica = Annotated[float, typer.Option("--gpus-per-replica", help="ray: GPUs per replica (a vLLM replica with 2+ runs tensor-parallel).")]
+CpusPerReplica = Annotated[int, typer.Option("--cpus-per-replica", help="ray: CPUs per replica, also its torch thread count.")]
+Threads = Annotated[Optional[int], typer.Option("--threads", help="local: torch threads of the scorer (default: torch's choice).")]
+Deterministic = Annotated[bool, typer.Option("--deterministic", help="GPU: batch-invariant scores (vLLM's batch-invariant mode, deterministic torch kernels); docs/scale.md.")]
 RemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model repositories to run their own code.")]
 Output = Annotated[Path, typer.Option("--output", "-o", help="Where the trainer-ready data goes: a save_to_disk directory (input_ids, attention_mask, labels), or one file with --format parquet|jsonl|torchtune.")]
 Ratio = Annotated[float, typer.Option("--ratio", help="Share of all scored response tokens to mask, in [0, 1].")]
@@ -125,6 +135,13 @@ def _vllm_args(pairs: list[str] | None) -> dict[str, Any]:
 
 
 def _run(action: Any) -> Any:
+    # toss-filter draws its own progress bars; the libraries' per-step bars would only interleave with them. Only
+    # the command does this: importing the library leaves the user's own bars alone.
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
     try:
         return action()
     except TossError as err:
@@ -177,6 +194,9 @@ def filter_command(
     device: Device = "auto", max_batch_tokens: BatchTokens = None, shard_rows: ShardRows = 1000,
     trust_remote_code: RemoteCode = False, merge_adapters: MergeAdapters = False, verify: Verify = 0,
     gpu_memory_utilization: GpuMemory = None, tensor_parallel_size: TensorParallel = 1, vllm_arg: VllmArg = None,
+    name: DatasetName = None, num_proc: NumProc = 1, executor: ExecutorOpt = "local", ray_address: RayAddress = None,
+    replicas: Replicas = 1, gpus_per_replica: GpusPerReplica = 0.0, cpus_per_replica: CpusPerReplica = 1,
+    threads: Threads = None, deterministic: Deterministic = False,
     strategy: Strategy = "toss", seed: Seed = 0, format: Format = "arrow", emit_assistant_masks: AssistantMasks = False,
     push_to_hub: RepoId = None, hub_private: HubPrivate = False,
     rounds: Annotated[int, typer.Option("--rounds", help="TOSS-Pro: scoring rounds, refining the safety adapter on each round's flagged tokens in between (1 = plain TOSS).")] = 1,
@@ -188,7 +208,7 @@ def filter_command(
 ) -> None:
     """Score and mask in one go: INPUT → OUTPUT (a save_to_disk dataset any trainer can load), plus
     RUN_DIR/report.html."""
-    from toss_filter.pipeline import filter_dataset
+    from toss_filter.api import filter_dataset
 
     run_dir = run_dir or default_run_dir(output)
     params = dict(locals())
@@ -204,7 +224,8 @@ def filter_command(
         elif hub_private:
             raise ConfigError("--hub-private only applies with --push-to-hub")
         refine = RefineConfig(rounds, refine_epochs, refine_learning_rate, refine_batch_size, refine_micro_batch_size)
-        return filter_dataset(_config(ScoreConfig, params), select_config, show_progress=not quiet, refine=refine)
+        return filter_dataset(_config(ScoreConfig, params), select_config, show_progress=not quiet, refine=refine,
+                              executor=_config(ExecutorConfig, params))
 
     stats = _run(action)
     report = None if no_report else _run(lambda: _write_report(run_dir))
@@ -223,13 +244,17 @@ def score_command(
     device: Device = "auto", max_batch_tokens: BatchTokens = None, shard_rows: ShardRows = 1000,
     trust_remote_code: RemoteCode = False, merge_adapters: MergeAdapters = False, verify: Verify = 0,
     gpu_memory_utilization: GpuMemory = None, tensor_parallel_size: TensorParallel = 1, vllm_arg: VllmArg = None,
+    name: DatasetName = None, num_proc: NumProc = 1, shard_slice: ShardSlice = None, executor: ExecutorOpt = "local",
+    ray_address: RayAddress = None, replicas: Replicas = 1, gpus_per_replica: GpusPerReplica = 0.0,
+    cpus_per_replica: CpusPerReplica = 1, threads: Threads = None, deterministic: Deterministic = False,
     quiet: Quiet = False, config: ConfigFile = None,
 ) -> None:
     """Step 1 of 2: tokenize INPUT and score every response token under both references into RUN_DIR."""
-    from toss_filter.pipeline import score
+    from toss_filter.api import score_dataset
 
     params = dict(locals())
-    summary = _run(lambda: score(_config(ScoreConfig, params), show_progress=not quiet))
+    summary = _run(lambda: score_dataset(_config(ScoreConfig, params), _config(ExecutorConfig, params),
+                                         show_progress=not quiet))
     if not quiet:
         typer.echo(f"scored {summary['rows']} rows into {run_dir} ({summary['resumed_shards']} of {summary['shards']} shards resumed)")
         _verify_summary(summary)
@@ -240,15 +265,16 @@ def select_command(
     run_dir: Annotated[Path, typer.Option("--run-dir", help="A run directory written by `toss-filter score`.")],
     output: Output, ratio: Ratio = 0.2, scope: Scope = "global", threshold: Threshold = None,
     keep_empty: KeepEmpty = False, strategy: Strategy = "toss", seed: Seed = 0, format: Format = "arrow",
-    emit_assistant_masks: AssistantMasks = False, no_report: NoReport = False, quiet: Quiet = False,
-    config: ConfigFile = None,
+    emit_assistant_masks: AssistantMasks = False, executor: ExecutorOpt = "local", ray_address: RayAddress = None,
+    no_report: NoReport = False, quiet: Quiet = False, config: ConfigFile = None,
 ) -> None:
     """Step 2 of 2: mask the top-scoring tokens from RUN_DIR's scores and write OUTPUT; re-run freely with
     another --ratio, nothing is re-scored."""
-    from toss_filter.pipeline import select
+    from toss_filter.api import select_dataset
 
     params = dict(locals())
-    stats = _run(lambda: select(_config(SelectConfig, params), show_progress=not quiet))
+    stats = _run(lambda: select_dataset(_config(SelectConfig, params), _config(ExecutorConfig, params),
+                                        show_progress=not quiet))
     report = None if no_report else _run(lambda: _write_report(run_dir))
     if not quiet:
         _summary(stats, run_dir, report)

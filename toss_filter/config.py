@@ -1,5 +1,6 @@
 """One config dataclass per entry point: `ScoreConfig` (load → tokenize → score) and `SelectConfig`
-(select → write). `filter` is both, run back to back over the same run directory."""
+(select → write). `filter` is both, run back to back over the same run directory. `ExecutorConfig` says where
+the shards run (this process, or a Ray cluster); it is provenance, never part of what a shard holds."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Any
 
 from toss_filter.errors import ConfigError
 from toss_filter.data.write import check_output
-from toss_filter.select import STRATEGIES
+from toss_filter.plan import parse_slice
+from toss_filter.select.rules import STRATEGIES
 
 BACKENDS = ("torch", "vllm")
 SCOPES = ("global", "per-sample")
@@ -23,7 +25,7 @@ class ScoreConfig:
 
     > Data
     - `input`: a .jsonl/.json/.parquet file, a `save_to_disk` directory, or a `datasets.load_dataset` name.
-    - `split`: the split of a dataset dict or Hub dataset (default `train`).
+    - `split`: the split of a dataset dict or Hub dataset (default `train`); `name`: a Hub dataset's config.
     - `columns`: canonical column → input column, e.g. `{"prompt": "question", "completion": "answer"}`.
     - `template`: `chat` (the model's chat template), `paper` (the authors' Human:/Assistant: format), or a Jinja file.
     - `max_length`: truncate rows to this many tokens (counted in stats.json).
@@ -35,7 +37,9 @@ class ScoreConfig:
     > Execution
     - `run_dir`: where tokens, score shards, stats and the resolved config live; a re-run resumes from it.
     - `max_batch_tokens`: the padded token budget of one torch forward pass (None: 2048 on CPU, 8192 on an
-      accelerator); `shard_rows`: rows per resumable shard.
+      accelerator); `shard_rows`: rows per shard, the unit of every step and of resume.
+    - `num_proc`: tokenizer processes. `shard_slice`: `"I/N"` scores only every N-th shard from the I-th (for
+      Slurm arrays or any launcher; a final `select` assembles the slices).
 
     > vLLM backend (`backend="vllm"`, docs/vllm.md; refused with the torch backend)
     - `merge_adapters`: serve LoRA adapters merged into full weights (cached in the run directory), not as LoRA.
@@ -50,6 +54,7 @@ class ScoreConfig:
     run_dir: str
     base_model: str | None = None
     split: str | None = None
+    name: str | None = None
     columns: dict[str, str] = field(default_factory=dict)
     template: str = "chat"
     max_length: int | None = None
@@ -58,6 +63,8 @@ class ScoreConfig:
     device: str = "auto"
     max_batch_tokens: int | None = None
     shard_rows: int = 1000
+    num_proc: int = 1
+    shard_slice: str | None = None
     trust_remote_code: bool = False
     merge_adapters: bool = False
     verify: int = 0
@@ -80,8 +87,9 @@ class ScoreConfig:
             raise ConfigError(f"--gpu-memory-utilization must be within (0, 1], got {self.gpu_memory_utilization}")
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError("--max-length must be at least 2")
-        if (self.max_batch_tokens is not None and self.max_batch_tokens < 1) or self.shard_rows < 1:
-            raise ConfigError("--max-batch-tokens and --shard-rows must be positive")
+        if (self.max_batch_tokens is not None and self.max_batch_tokens < 1) or self.shard_rows < 1 or self.num_proc < 1:
+            raise ConfigError("--max-batch-tokens, --shard-rows and --num-proc must be positive")
+        parse_slice(self.shard_slice)
 
 
 @dataclass
@@ -119,6 +127,44 @@ class SelectConfig:
             raise ConfigError(f"--scope and --threshold refine --strategy toss only, not {self.strategy}")
         if Path(self.output).resolve() == Path(self.run_dir).resolve():
             raise ConfigError("--output and --run-dir must be different directories")
+
+
+EXECUTORS = ("local", "ray")
+
+
+@dataclass
+class ExecutorConfig:
+    """Where the shards run.
+
+    - `executor`: `local` (this process; `threads` torch threads) or `ray` (Ray Data over shard descriptors, one
+      actor per replica that builds the scorer once and scores whole shards).
+    - `ray_address`: the cluster to join (default: `RAY_ADDRESS`, else a local Ray started for the run).
+    - `replicas`: scorer actors; `gpus_per_replica` (a vLLM replica with 2+ runs tensor-parallel),
+      `cpus_per_replica` (also its torch thread count).
+    - `threads`: torch threads of a local scorer (default: torch's own choice, all cores).
+    - `deterministic`: ask the backend for batch-invariant results on GPU (docs/scale.md says what it
+      guarantees); on CPU results are deterministic already.
+    """
+
+    executor: str = "local"
+    ray_address: str | None = None
+    replicas: int = 1
+    gpus_per_replica: float = 0.0
+    cpus_per_replica: int = 1
+    threads: int | None = None
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("executor", self.executor, EXECUTORS)
+        if self.replicas < 1 or self.cpus_per_replica < 1 or self.gpus_per_replica < 0:
+            raise ConfigError("--replicas and --cpus-per-replica must be 1 or more, --gpus-per-replica 0 or more")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError("--threads must be 1 or more")
+        ray_only = {"--ray-address": self.ray_address, "--replicas": self.replicas != 1,
+                    "--gpus-per-replica": self.gpus_per_replica, "--cpus-per-replica": self.cpus_per_replica != 1}
+        given = [name for name, value in ray_only.items() if value]
+        if self.executor != "ray" and given:
+            raise ConfigError(f"{', '.join(given)}: only for --executor ray")
 
 
 @dataclass

@@ -21,6 +21,9 @@ class InputError(TossError):
             where.append(f"field '{field}'")
         super().__init__(f"{': '.join(where)}: {problem}")
 
+    def __reduce__(self) -> tuple:  # raised in tokenizer worker processes, so it must survive pickling
+        return type(self), (self.source, self.row, self.field, self.problem)
+
 
 class ConfigError(TossError):
     """An option, a model path or a model pair is unusable."""

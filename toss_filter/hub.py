@@ -5,7 +5,9 @@
 
 What lands in the dataset repo (branch `revision`, default `main`):
 - `data/train-NNNNN-of-NNNNN.parquet`: the output's rows, in order, exactly its three columns, written by
-  `datasets.Dataset.push_to_hub` in shards of at most about SHARD_BYTES of Arrow data;
+  `datasets.Dataset.push_to_hub` in shards of about SHARD_BYTES of Arrow data at most (counted by the size of the
+  output's Arrow files on disk). The output is read memory-mapped, however many Arrow files it has: push_to_hub
+  converts one Hub shard at a time;
 - `README.md`: `dataset_card(...)`, uploaded in a second commit. It replaces the card `push_to_hub` writes, and
   carries the same `configs` entry (split `train`, files `data/train-*`), so `load_dataset(repo_id)` reads it.
 
@@ -133,7 +135,7 @@ def push_output(output: Path, repo_id: str, run_dir: Path | None = None, private
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(output)
     card = dataset_card(output, run_dir, repo_id)
     dataset = _load_output(output)
-    num_shards = max(1, math.ceil(dataset.data.nbytes / SHARD_BYTES))
+    num_shards = max(1, math.ceil(_data_bytes(output) / SHARD_BYTES))
     files = [f"{DATA_DIR}/{SPLIT}-{i:05d}-of-{num_shards:05d}.parquet" for i in range(num_shards)] + [README]
     try:
         api = HfApi(token=token)
@@ -183,10 +185,18 @@ def _load_output(output: Path) -> datasets.Dataset:
     if not (output / "state.json").exists():
         raise ConfigError(f"{output} is not an arrow output (a save_to_disk directory): push needs the output of "
                           "`toss-filter filter` or `select` in the default --format arrow")
-    loaded = datasets.load_from_disk(str(output))
+    # keep_in_memory=False: memory-mapped whatever HF_DATASETS_IN_MEMORY_MAX_SIZE says, one table per data file.
+    loaded = datasets.load_from_disk(str(output), keep_in_memory=False)
     if not isinstance(loaded, datasets.Dataset):
         raise ConfigError(f"{output} holds several splits, not one toss-filter output")
     return loaded
+
+
+def _data_bytes(output: Path) -> int:
+    """The size on disk of the output's Arrow data files (those state.json lists), read from the file system:
+    nothing of the data is read. It is about the Arrow size datasets would count (IPC adds only a little)."""
+    state = json.loads((output / "state.json").read_text(encoding="utf-8"))
+    return sum((output / data_file["filename"]).stat().st_size for data_file in state["_data_files"])
 
 
 def _size_category(rows: int) -> str:

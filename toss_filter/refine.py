@@ -8,8 +8,12 @@ The paper does not publish its schedule; this is the reading implemented (docs/d
 3. The next round scores again, under the refined θs only: θu never changes, so its scores from round 1 are reused.
 The final mask is the last round's. Round 1 is plain TOSS, so `rounds=1` changes nothing.
 
+The rounds hold the run's tokens and scores in memory (TOSS-Pro retrains on the flagged rows, which is far
+costlier than the arrays); selection and writing afterwards stream shard by shard as usual.
+
 Written into the run directory: each refined adapter as `rounds/round-<r>/safety/` (PEFT format), the last
-round's scores as a new score key (so `select` and `report` work unchanged), and in run.json a `rounds` list of
+round's scores as a new score key, shard by shard (θu's files are linked from the first round's key), so `select`
+and `report` work unchanged, and in run.json a `rounds` list of
 `{"round", "masked_share", "overlap_with_previous", "mean_score_flagged", "mean_score_unflagged",
 "refine_rows", "refine_final_loss"}` that `select` copies into stats.json. Refinement re-scores with the torch
 backend whatever `--backend` scored round 1; both backends agree to float tolerance (docs/vllm.md).
@@ -18,7 +22,10 @@ backend whatever `--backend` scored round 1; both backends agree to float tolera
 from __future__ import annotations
 
 import gc
+import os
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,10 +37,22 @@ from toss_filter.config import RefineConfig, ScoreConfig, SelectConfig, as_dict
 from toss_filter.data.tokenize import IGNORE_INDEX
 from toss_filter.data.write import list_array
 from toss_filter.errors import ConfigError
-from toss_filter.run import RunDir, model_fingerprint, score_key
-from toss_filter.score.models import resolve_spec
+from toss_filter.files import atomic_write_text
+from toss_filter.plan import write_table
+from toss_filter.run import RunDir, content_key, model_fingerprint
+from toss_filter.score.models import resolve_device, resolve_dtype, resolve_spec
 from toss_filter.score.torch_backend import TorchScorer
-from toss_filter.select import choose_unsafe
+from toss_filter.select.rules import choose_unsafe
+
+
+def _link(source: Path, target: Path) -> None:
+    """`target` as a hard link to the (immutable) shard file `source`, or a copy where links are refused."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def round_stats(round_number: int, scores: np.ndarray, flagged: np.ndarray, previous: np.ndarray | None) -> dict[str, Any]:
@@ -80,21 +99,31 @@ def refine_rounds(score_config: ScoreConfig, select_config: SelectConfig, refine
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from toss_filter.pipeline import console, load_scored_run, resolve_device, resolve_dtype, token_rows
     from toss_filter.score.models import load_tokenizer, mergeable
+    from toss_filter.steps.progress import console
+    from toss_filter.steps.score import check_scored, token_rows
+    from toss_filter.steps.select import ShardReader
     from toss_filter.train import fit_adapter, save_adapter
 
     check_refinable(score_config, select_config)
     spec = resolve_spec("safety", score_config.safety_model, score_config.base_model)
     run = RunDir(score_config.run_dir)
-    scored = load_scored_run(run)
-    state, tokens, input_ids, offsets = scored.state, scored.tokens, scored.input_ids, scored.offsets
-    nll_safety, nll_utility = scored.nll_safety, scored.nll_utility
-    response, response_per_row = scored.response, scored.response_per_row
+    state = run.read_json("run.json")
+    plan = check_scored(run, state)
+    reader = ShardReader(str(run.path), state["tokens_key"], state["score_key"])
+    shards = [reader.read(shard) for shard in range(plan.shards)]
+    input_ids = np.concatenate([s.input_ids for s in shards])
+    labels = np.concatenate([s.labels for s in shards])
+    lengths = np.concatenate([np.diff(s.offsets) for s in shards])
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    nll_safety = np.concatenate([s.nll_safety for s in shards])
+    nll_utility = np.concatenate([s.nll_utility for s in shards])
+    response = np.flatnonzero(labels != IGNORE_INDEX)
+    response_per_row = np.bincount(np.repeat(np.arange(len(lengths)), lengths)[response], minlength=len(lengths))
     device = resolve_device(score_config.device)
     dtype = resolve_dtype(score_config.dtype, device)  # θs is re-scored in the dtype θu was scored in
     tokenizer = load_tokenizer(spec, score_config.trust_remote_code)
-    rows = token_rows(input_ids, scored.labels, offsets, range(tokens.num_rows))
+    rows = token_rows(input_ids, labels, offsets, range(len(lengths)))
 
     entries: list[dict[str, Any]] = []
     adapter, previous = spec.path, None
@@ -134,13 +163,16 @@ def refine_rounds(score_config: ScoreConfig, select_config: SelectConfig, refine
         previous = flagged
 
     if refine.rounds > 1:
-        key = score_key(state["score_key"], {"refined_safety": model_fingerprint(adapter), **as_dict(refine),
-                                             **flagging(select_config)})
-        run.write_shard(key, 0, pa.table({
-            "row": tokens.column("row"),
-            "nll_safety": list_array(nll_safety, offsets, pa.float32()),
-            "nll_utility": list_array(nll_utility, offsets, pa.float32()),
-        }))
-        state |= {"first_round_score_key": state["score_key"], "score_key": key, "shards": 1}
+        key = content_key({"first_round": state["score_key"], "refined_safety": model_fingerprint(adapter),
+                           **as_dict(refine), **flagging(select_config)})
+        first = run.scores_dir(state["score_key"])
+        for shard, span in enumerate(map(plan.span, range(plan.shards))):
+            start, stop = offsets[span.start], offsets[span.stop]
+            write_table(run.score_shard(key, "safety", shard), pa.table({
+                "row": shards[shard].row_ids,
+                "nll": list_array(nll_safety[start:stop], offsets[span.start:span.stop + 1] - start, pa.float32())}))
+            _link(run.score_shard(state["score_key"], "utility", shard), run.score_shard(key, "utility", shard))
+        atomic_write_text(run.scores_dir(key) / "key.json", (first / "key.json").read_text())
+        state |= {"first_round_score_key": state["score_key"], "score_key": key}
     run.write_json("run.json", state | {"rounds": entries, "refine": as_dict(refine) | {"flagged_with": flagging(select_config)}})
     return entries

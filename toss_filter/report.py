@@ -33,7 +33,8 @@ from transformers import AutoTokenizer
 
 from toss_filter.data.tokenize import IGNORE_INDEX
 from toss_filter.errors import ConfigError
-from toss_filter.run import RunDir, atomic_write_text, list_column
+from toss_filter.files import atomic_write_text
+from toss_filter.run import RunDir, list_column
 
 BINS = 40
 MAX_ROW_TOKENS = 2000

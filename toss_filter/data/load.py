@@ -26,14 +26,16 @@ Message = dict[str, str]
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+JSON_CHUNK_CHARS = 1 << 20
 CANONICAL_COLUMNS = (
     "messages", "prompt", "completion", "instruction", "input", "output", "system_prompt", "question", "response",
 )
 
 
-def read_records(source: str, split: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_records(source: str, split: str | None = None, name: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield `(row, record)` for each row of a JSONL/JSON/Parquet file, a `save_to_disk` directory or a
-    `datasets.load_dataset` name or path. Broken JSON and an empty input raise `InputError`."""
+    `datasets.load_dataset` name or path (streamed, with `name` its config), reading in batches, never the whole
+    input at once. Broken JSON and an empty input raise `InputError`."""
     path = Path(source)
     count = 0
     if path.is_file():
@@ -51,7 +53,7 @@ def read_records(source: str, split: str | None = None) -> Iterator[tuple[int, d
     elif path.exists() or source.startswith((".", "/", "~")) or source.endswith((".jsonl", ".json", ".parquet")):
         raise InputError(source, None, None, "no such file, or a directory that is not a `save_to_disk` dataset")
     else:
-        records = _read_hub_dataset(source, split)
+        records = _read_hub_dataset(source, split, name)
     for row, record in enumerate(records):
         if not isinstance(record, Mapping):
             raise InputError(source, row, None, f"expected a JSON object per row, got {type(record).__name__}")
@@ -75,13 +77,60 @@ def _read_jsonl(path: Path) -> Iterator[Any]:
 
 
 def _read_json(path: Path) -> Iterator[Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as err:
-        raise InputError(str(path), None, None, f"broken JSON at line {err.lineno}, column {err.colno}: {err.msg}")
-    if not isinstance(data, list):
-        raise InputError(str(path), None, None, f"a .json input must hold a list of rows, got {type(data).__name__}")
-    yield from data
+    """The elements of a top-level JSON list, decoded one at a time from chunks of the file, as strictly as
+    `json.loads` would read the whole list."""
+    decoder, source = json.JSONDecoder(), str(path)
+    with path.open(encoding="utf-8-sig") as handle:
+        buffer, position = "", 0
+
+        def more() -> bool:  # append the next chunk to what is left of the buffer; False at the end of the file
+            nonlocal buffer, position
+            chunk = handle.read(JSON_CHUNK_CHARS)
+            buffer, position = buffer[position:] + chunk, 0
+            return bool(chunk)
+
+        def next_char() -> str:  # the next non-blank character ("" at the end of the file), left in the buffer
+            nonlocal position
+            while True:
+                while position < len(buffer) and buffer[position] in " \t\r\n":
+                    position += 1
+                if position < len(buffer) or not more():
+                    return buffer[position:position + 1]
+
+        if next_char() != "[":
+            raise InputError(source, None, None, "a .json input must hold a list of rows")
+        position += 1
+        expect_value = False  # after "[" a "]" may come; after "," a value must
+        while True:
+            char = next_char()
+            if not char:
+                raise InputError(source, None, None, "broken JSON: the list is not closed with ']'")
+            if char == "]" and not expect_value:
+                position += 1
+                if next_char():
+                    raise InputError(source, None, None, "broken JSON: text after the closing ']'")
+                return
+            # A number cut by the chunk's end would decode as a shorter number: keep a full chunk ahead.
+            while len(buffer) - position < JSON_CHUNK_CHARS and more():
+                pass
+            while True:
+                try:
+                    element, end = decoder.raw_decode(buffer, position)
+                    if end < len(buffer) or not more():  # a number at the buffer's end may go on in the next chunk
+                        break
+                except json.JSONDecodeError as err:
+                    if not more():  # else the element may continue in the next chunk
+                        raise InputError(source, None, None, f"broken JSON: {err.msg}") from None
+            yield element
+            position = end
+            char = next_char()
+            if char == ",":
+                position, expect_value = position + 1, True
+            elif char != "]":
+                raise InputError(source, None, None, f"broken JSON: expected ',' or ']' after a row, got {char!r}"
+                                 if char else "broken JSON: the list is not closed with ']'")
+            else:
+                expect_value = False
 
 
 def _read_parquet(path: Path) -> Iterator[Any]:
@@ -105,14 +154,45 @@ def _read_saved_dataset(path: Path, split: str | None) -> Iterator[Any]:
     yield from loaded
 
 
-def _read_hub_dataset(source: str, split: str | None) -> Iterator[Any]:
+def _read_hub_dataset(source: str, split: str | None, name: str | None) -> Iterator[Any]:
     import datasets
 
     try:
-        loaded = datasets.load_dataset(source, split=split or "train")
+        loaded = datasets.load_dataset(source, name, split=split or "train", streaming=True)
+        yield from loaded
+    except InputError:
+        raise
     except Exception as err:  # datasets raises many unrelated types; the user needs the message, not the class
         raise InputError(source, None, None, f"could not load with datasets.load_dataset: {err}") from err
-    yield from loaded
+
+
+def count_rows(source: str, split: str | None = None, name: str | None = None) -> int | None:
+    """The number of input rows, from metadata or one cheap pass (for progress and ETA), or None if unknown."""
+    path = Path(source)
+    try:
+        if path.is_file():
+            suffix = path.suffix.lower()
+            if suffix == ".parquet":
+                import pyarrow.parquet as pq
+
+                return pq.ParquetFile(path).metadata.num_rows
+            if suffix in (".jsonl", ".ndjson"):
+                with path.open("rb") as handle:
+                    return sum(1 for line in handle if line.strip())
+            return None
+        if path.is_dir():
+            import datasets
+
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                loaded = loaded[split or "train"]
+            return len(loaded)
+        import datasets
+
+        info = datasets.load_dataset_builder(source, name).info
+        return info.splits[split or "train"].num_examples if info.splits else None
+    except Exception:  # a count is only for the progress bar: reading the rows reports the real problem
+        return None
 
 
 def to_messages(record: Mapping[str, Any], source: str, row: int, columns: Mapping[str, str] | None = None) -> list[Message]:
@@ -190,8 +270,8 @@ def _validate_messages(messages: Any, source: str, row: int, field: str) -> list
 
 
 def load_conversations(
-    source: str, split: str | None = None, columns: Mapping[str, str] | None = None
+    source: str, split: str | None = None, columns: Mapping[str, str] | None = None, name: str | None = None
 ) -> Iterator[tuple[int, list[Message]]]:
     """Yield `(row, messages)` for every row of `source`, validated (see the module docstring)."""
-    for row, record in read_records(source, split):
+    for row, record in read_records(source, split, name):
         yield row, to_messages(record, source, row, columns)

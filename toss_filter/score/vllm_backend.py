@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from toss_filter.errors import ConfigError, TossError
-from toss_filter.run import model_fingerprint, replace_dir, staging_dir
+from toss_filter.files import replace_dir, staging_dir
+from toss_filter.run import model_fingerprint
 from toss_filter.score.base import ProgressCallback, TokenRow, scored_positions
 from toss_filter.score.models import ModelSpec, ReferenceModels
 

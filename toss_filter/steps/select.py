@@ -1,0 +1,222 @@
+"""Steps 4 and 5 over the shard plan: decide which response tokens are unsafe, then write every shard's output.
+
+    select_step(config, executor, show_progress) -> stats (also RUN_DIR/stats.json)
+
+1. `select.streaming.decide` reads the scores shard by shard in a few passes of small per-shard summaries
+   (histograms, counts) and returns a `Decision`: the exact rule of `select.rules`, never gathering the scores.
+2. Each shard is then written, independently (by the executor): its training rows, its rejected rows and its
+   per-token sidecar, into `RUN_DIR/select/<select_key>/`, as shard files that exist only complete. A re-run
+   writes only the missing ones.
+3. The three datasets are finished (moved into place, or streamed into one file for --format parquet/jsonl/
+   torchtune) and the per-shard counts add up to stats.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from toss_filter.config import SelectConfig, as_dict
+from toss_filter.data.tokenize import IGNORE_INDEX
+from toss_filter.data.write import (ShardedDataset, export, list_array, rejected_path, training_schema,
+                                    training_table, with_assistant_masks)
+from toss_filter.plan import read_table
+from toss_filter.run import RunDir, content_key, list_column, package_versions
+from toss_filter.select.rules import positions_in_rows
+from toss_filter.select.streaming import Decision, ResponseShard, Rule, decide
+from toss_filter.steps.score import check_scored
+
+log = logging.getLogger(__name__)
+
+POSITIONS_REPORTED = 32
+REJECTED_SCHEMA = training_schema().append(pa.field("row", pa.int64())).append(pa.field("reason", pa.string()))
+SIDECAR_SCHEMA = pa.schema([("row", pa.int64()), ("score", pa.list_(pa.float32())), ("unsafe", pa.list_(pa.bool_()))])
+
+
+@dataclass
+class ScoredShard:
+    """One shard's tokens and scores as flat arrays: row i of the shard is `[offsets[i]:offsets[i + 1]]`."""
+
+    row_ids: np.ndarray
+    input_ids: np.ndarray
+    labels: np.ndarray
+    offsets: np.ndarray
+    truncated: np.ndarray
+    score: np.ndarray  # S(t) = nll_u(t) - nll_s(t), float32, NaN where unscored
+    nll_safety: np.ndarray
+    nll_utility: np.ndarray
+
+    @property
+    def token_row(self) -> np.ndarray:
+        return np.repeat(np.arange(len(self.row_ids)), np.diff(self.offsets))
+
+    @property
+    def response(self) -> np.ndarray:
+        return np.flatnonzero(self.labels != IGNORE_INDEX)
+
+    def response_shard(self) -> ResponseShard:
+        response = self.response
+        per_row = np.bincount(self.token_row[response], minlength=len(self.row_ids)).astype(np.int64)
+        return ResponseShard(self.score[response], per_row, self.row_ids)
+
+
+@dataclass(frozen=True)
+class ShardReader:
+    """Reads one shard of a scored run (picklable: the executors send it to their workers)."""
+
+    run_dir: str
+    tokens_key: str
+    score_key: str
+
+    def read(self, shard: int) -> ScoredShard:
+        run = RunDir(self.run_dir)
+        tokens = run.read_token_shard(self.tokens_key, shard)
+        nll = {}
+        for role in ("safety", "utility"):
+            table = read_table(run.score_shard(self.score_key, role, shard))
+            if not table.column("row").equals(tokens.column("row")):
+                raise ValueError(f"{run.path}: score shard {shard} ({role}) does not match its token shard")
+            nll[role] = list_column(table, "nll")[0]
+        ids, offsets = list_column(tokens, "input_ids")
+        labels, _ = list_column(tokens, "labels")
+        return ScoredShard(tokens.column("row").to_numpy(), ids, labels, offsets,
+                           tokens.column("truncated").to_numpy(zero_copy_only=False),
+                           (nll["utility"] - nll["safety"]).astype(np.float32), nll["safety"], nll["utility"])
+
+    def __call__(self, shard: int) -> ResponseShard:
+        return self.read(shard).response_shard()
+
+
+def _rejection_reason(truncated: bool, response_tokens: int) -> str:
+    if response_tokens:
+        return "all_masked"  # every response token was selected as unsafe
+    return "truncated" if truncated else "no_response"  # --max-length cut the response off; or it was only a token
+
+
+def write_shard(reader: ShardReader, decision: Decision, staging: str, shards: int, keep_empty: bool,
+                assistant_masks: bool, shard: int) -> dict[str, Any]:
+    """Mask shard `shard` by `decision` and write its three shard files (unless complete); return its counts."""
+    data = reader.read(shard)
+    response, token_row = data.response, data.token_row
+    response_per_row = np.bincount(token_row[response], minlength=len(data.row_ids))
+    unsafe = decision.unsafe(shard, ResponseShard(data.score[response], response_per_row.astype(np.int64),
+                                                  data.row_ids))
+    new_labels = data.labels.astype(np.int64)
+    new_labels[response[unsafe]] = IGNORE_INDEX
+    position = positions_in_rows(np.diff(data.offsets))
+    # A label at position 0 never reaches the loss (nothing predicts it), so it does not count as trainable.
+    trainable = np.bincount(token_row[(new_labels != IGNORE_INDEX) & (position > 0)], minlength=len(data.row_ids))
+    empty = trainable == 0
+    kept = np.arange(len(data.row_ids)) if keep_empty else np.flatnonzero(~empty)
+    dropped = np.zeros(0, dtype=np.int64) if keep_empty else np.flatnonzero(empty)
+
+    outputs = _datasets(Path(staging), shards, assistant_masks)
+    if not all(dataset.done(shard) for dataset in outputs.values()):
+        table = training_table(data.input_ids, new_labels, data.offsets, kept)
+        outputs["output"].write(shard, with_assistant_masks(table) if assistant_masks else table)
+        rejected = training_table(data.input_ids, new_labels, data.offsets, dropped)
+        outputs["rejected"].write(shard, rejected.append_column("row", pa.array(data.row_ids[dropped], pa.int64()))
+                                  .append_column("reason", pa.array([_rejection_reason(data.truncated[i],
+                                                 response_per_row[i]) for i in dropped], pa.string())))
+        unsafe_flat = np.zeros(len(data.input_ids), dtype=bool)
+        unsafe_flat[response[unsafe]] = True
+        outputs["token_scores"].write(shard, pa.table({
+            "row": pa.array(data.row_ids, pa.int64()),
+            "score": list_array(np.where(data.labels != IGNORE_INDEX, data.score, np.nan), data.offsets, pa.float32()),
+            "unsafe": list_array(unsafe_flat, data.offsets, pa.bool_()),
+        }, schema=SIDECAR_SCHEMA))
+
+    response_scores = data.score[response]
+    response_position = positions_in_rows(response_per_row)
+    early = response_position < POSITIONS_REPORTED
+    return {
+        "rows_in": len(data.row_ids), "rows_out": len(kept), "rows_rejected": len(dropped),
+        "rows_truncated": int(data.truncated.sum()), "rows_without_trainable_token": int(empty.sum()),
+        "response_tokens": len(response), "scored_tokens": int((~np.isnan(response_scores)).sum()),
+        "masked_tokens": int(unsafe.sum()),
+        "by_position_total": np.bincount(response_position[early], minlength=POSITIONS_REPORTED),
+        "by_position_masked": np.bincount(response_position[early], weights=unsafe[early],
+                                          minlength=POSITIONS_REPORTED).astype(np.int64),
+        "min_unsafe_score": float(response_scores[unsafe].min()) if unsafe.any() else None,
+    }
+
+
+def _datasets(staging: Path, shards: int, assistant_masks: bool) -> dict[str, ShardedDataset]:
+    return {"output": ShardedDataset(staging / "output", shards, training_schema(assistant_masks)),
+            "rejected": ShardedDataset(staging / "rejected", shards, REJECTED_SCHEMA),
+            "token_scores": ShardedDataset(staging / "token_scores", shards, SIDECAR_SCHEMA)}
+
+
+def select_step(config: SelectConfig, executor: Any, show_progress: bool = True) -> dict[str, Any]:
+    """Mask the unsafe tokens chosen from the run directory's scores and write the output (see
+    `toss_filter.data.write` for its contract), the rejected rows, the sidecar and stats.json."""
+    from toss_filter.refine import flagging
+
+    started = time.perf_counter()
+    run = RunDir(config.run_dir)
+    state = run.read_json("run.json")
+    plan = check_scored(run, state)
+    if "rounds" in state and state["refine"]["flagged_with"] != flagging(config):
+        log.warning("these scores come from TOSS-Pro rounds that flagged tokens with %s, not with this selection's "
+                    "%s; re-run `filter --rounds` to refine θs for these settings", state["refine"]["flagged_with"],
+                    flagging(config))
+    reader = ShardReader(str(run.path), state["tokens_key"], state["score_key"])
+    rule = Rule(config.strategy, config.ratio, config.scope, config.threshold, config.seed)
+    decision = decide(rule, plan.shards, reader, executor.map_shards)
+    select_s = time.perf_counter() - started
+
+    write_started = time.perf_counter()
+    masks = config.emit_assistant_masks and config.format == "arrow"
+    key = content_key({"layout": "select-v2", "score_key": state["score_key"], "rule": as_dict(config) | {
+        "output": None, "run_dir": None, "format": None}, "assistant_masks": masks})
+    staging = run.path / "select" / key
+    counts = executor.map_shards(partial(write_shard, reader, decision, str(staging), plan.shards,
+                                         config.keep_empty, masks), range(plan.shards))
+    outputs = _datasets(staging, plan.shards, masks)
+    output = Path(config.output)
+    export(outputs["output"], output, config.format, config.emit_assistant_masks)
+    outputs["rejected"].finish(rejected_path(output))
+    outputs["token_scores"].finish(run.path / "token_scores")
+    staging.rmdir()  # its three datasets have moved into place
+    write_s = time.perf_counter() - write_started
+
+    stats = _stats(config, state, counts, decision)
+    stats["timings"] = state["timings"] | {"select_s": round(select_s, 3), "write_s": round(write_s, 3)}
+    stats["output"], stats["rejected_output"] = str(output), str(rejected_path(output))
+    run.write_json("stats.json", stats)
+    run.write_json("config.json", {"command": "select", "score": state["score_config"], "select": as_dict(config),
+                                   "refine": state.get("refine"), "versions": package_versions()})
+    return stats
+
+
+def _stats(config: SelectConfig, state: dict[str, Any], counts: list[dict[str, Any]],
+           decision: Decision) -> dict[str, Any]:
+    total = {name: sum(c[name] for c in counts) for name in (
+        "rows_in", "rows_out", "rows_rejected", "rows_truncated", "rows_without_trainable_token",
+        "response_tokens", "scored_tokens", "masked_tokens")}
+    by_total = sum((c["by_position_total"] for c in counts), np.zeros(POSITIONS_REPORTED, np.int64))
+    by_masked = sum((c["by_position_masked"] for c in counts), np.zeros(POSITIONS_REPORTED, np.int64))
+    cutoff = min((c["min_unsafe_score"] for c in counts if c["min_unsafe_score"] is not None), default=None)
+    return {
+        **total,
+        "masked_share": float(total["masked_tokens"] / max(total["scored_tokens"], 1)),
+        "masked_share_by_response_position": [
+            round(float(m / t), 4) if t else None for m, t in zip(by_masked, by_total)
+        ],
+        "score_cutoff": cutoff,
+        "selection": {"strategy": config.strategy, "ratio": config.ratio, "scope": config.scope,
+                      "threshold": config.threshold, "seed": config.seed, "keep_empty": config.keep_empty,
+                      "budget": decision.k, "selection_passes": decision.passes},
+        "output_format": config.format, "assistant_masks": config.emit_assistant_masks,
+        "input": state["input"], "template": state["template"], "models": state["models"],
+        "device": state["device"], "dtype": state["dtype"], "verify": state.get("verify"),
+        "shards": state["shards"],
+        **({"rounds": state["rounds"], "refine": state["refine"]} if "rounds" in state else {}),
+    }
