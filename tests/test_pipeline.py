@@ -5,7 +5,7 @@ import pytest
 from datasets import load_from_disk
 
 from conftest import chat, write_jsonl
-from toss_filter import ScoreConfig, SelectConfig, filter_dataset, score, select
+from toss_filter import ScoreConfig, SelectConfig, filter_dataset, score_dataset, select_dataset
 from toss_filter.run import RunDir
 from toss_filter.score.torch_backend import TorchScorer
 
@@ -55,26 +55,28 @@ def test_resume_after_an_interrupted_scoring_run_gives_an_identical_output(tmp_p
     clean_dir.mkdir()
     filter_dataset(*configs(clean_dir, data, tiny_models), show_progress=False)
 
+    import toss_filter.steps.score as score_step
     calls = {"n": 0}
-    original = RunDir.write_shard
+    original = score_step.write_table
 
-    def interrupted(self, key, shard, table):
+    def interrupted(path, table):
         calls["n"] += 1
-        if calls["n"] == 6:  # float32 LoRA scores one role at a time: 4 safety parts and 1 utility part are written
+        if calls["n"] == 6:  # float32 LoRA scores one role at a time: 4 safety files and 1 utility file are written
             raise KeyboardInterrupt
-        original(self, key, shard, table)
+        original(path, table)
 
-    monkeypatch.setattr(RunDir, "write_shard", interrupted)
+    monkeypatch.setattr(score_step, "write_table", interrupted)
     score_config, select_config = configs(tmp_path, data, tiny_models)
     with pytest.raises(KeyboardInterrupt):
-        score(score_config, show_progress=False)
-    monkeypatch.setattr(RunDir, "write_shard", original)
-    scored, nll = [], TorchScorer.nll
-    monkeypatch.setattr(TorchScorer, "nll", lambda self, role, rows, cb=None: scored.append(role) or nll(self, role, rows, cb))
-    summary = score(score_config, show_progress=False)
-    assert summary["shards"] == 4 and scored == ["utility"] * 3  # only the parts not yet written are scored
+        score_dataset(score_config, show_progress=False)
+    monkeypatch.setattr(score_step, "write_table", original)
+    scored, nll_roles = [], TorchScorer.nll_roles
+    monkeypatch.setattr(TorchScorer, "nll_roles",
+                        lambda self, roles, rows, cb=None: scored.extend(roles) or nll_roles(self, roles, rows, cb))
+    summary = score_dataset(score_config, show_progress=False)
+    assert summary["shards"] == 4 and scored == ["utility"] * 3  # only the files not yet written are scored
     # The utility weights were reached from a fresh load, yet the output is bit-identical to the clean run's.
-    select(select_config, show_progress=False)
+    select_dataset(select_config, show_progress=False)
     resumed, clean = load_from_disk(str(tmp_path / "out")), load_from_disk(str(clean_dir / "out"))
     assert resumed.to_dict() == clean.to_dict()
     scores = [np.concatenate(load_from_disk(str(d / "run" / "token_scores"))["score"]) for d in (tmp_path, clean_dir)]
@@ -84,12 +86,12 @@ def test_resume_after_an_interrupted_scoring_run_gives_an_identical_output(tmp_p
 def test_select_reruns_with_another_ratio_without_rescoring(tmp_path, data, tiny_models):
     score_config, select_config = configs(tmp_path, data, tiny_models, ratio=0.1)
     filter_dataset(score_config, select_config, show_progress=False)
-    shards = sorted((tmp_path / "run" / "scores").rglob("*.parquet"))
+    shards = sorted((tmp_path / "run" / "scores").rglob("shard-*.arrow"))
     stamps = [p.stat().st_mtime_ns for p in shards]
-    stats = select(SelectConfig(str(tmp_path / "run"), str(tmp_path / "out"), ratio=0.5), show_progress=False)
+    stats = select_dataset(SelectConfig(str(tmp_path / "run"), str(tmp_path / "out"), ratio=0.5), show_progress=False)
     assert stats["masked_tokens"] == int(0.5 * stats["scored_tokens"])
     assert [p.stat().st_mtime_ns for p in shards] == stamps
-    summary = score(score_config, show_progress=False)  # same config again: everything resumes
+    summary = score_dataset(score_config, show_progress=False)  # same config again: everything resumes
     assert summary["resumed_shards"] == summary["shards"]
 
 
@@ -99,7 +101,7 @@ def test_rows_without_a_trainable_token_go_to_rejected_unless_keep_empty(tmp_pat
     rejected = load_from_disk(str(tmp_path / "out-rejected"))
     assert rejected["row"] == list(range(len(ROWS)))
     assert set(rejected["reason"]) == {"all_masked"}
-    kept = select(SelectConfig(str(tmp_path / "run"), str(tmp_path / "kept"), ratio=1.0, keep_empty=True),
+    kept = select_dataset(SelectConfig(str(tmp_path / "run"), str(tmp_path / "kept"), ratio=1.0, keep_empty=True),
                   show_progress=False)
     assert kept["rows_out"] == len(ROWS) and len(load_from_disk(str(tmp_path / "kept-rejected"))) == 0
 
@@ -136,5 +138,5 @@ def test_stats_sidecar_and_config_are_written(tmp_path, data, tiny_models):
 def test_outputs_get_ordinary_permissions_not_private_temp_ones(tmp_path, data, tiny_models):
     filter_dataset(*configs(tmp_path, data, tiny_models), show_progress=False)
     for path in (tmp_path / "out", tmp_path / "out-rejected", tmp_path / "run" / "stats.json",
-                 tmp_path / "run" / "tokens.arrow"):
+                 *(tmp_path / "run" / "tokens").rglob("*")):
         assert path.stat().st_mode & 0o044 == 0o044, path  # group and others can read, as with a plain write

@@ -39,7 +39,7 @@ def test_three_rounds_refine_safety_keep_utility_and_record_each_round(tmp_path,
         assert 0.0 <= entry["overlap_with_previous"] <= 1.0
     assert stats["rounds"][0]["refine_rows"] > 0 and stats["rounds"][0]["refine_final_loss"] is not None
 
-    first = run.read_scores(state["first_round_score_key"], _shards(run, state["first_round_score_key"]))
+    first = run.read_scores(state["first_round_score_key"], state["shards"])
     final = run.read_scores(state["score_key"], state["shards"])
     for role, should_change in (("utility", False), ("safety", True)):
         before, _ = list_column(first, f"nll_{role}")
@@ -58,10 +58,6 @@ def test_three_rounds_refine_safety_keep_utility_and_record_each_round(tmp_path,
     row = slice(offsets[0], offsets[1])
     direct = TorchScorer().model_nll(refined.get_base_model(), [(ids[row], labels[row])])[0]
     np.testing.assert_allclose(final_safety[row], direct, atol=1e-4)
-
-
-def _shards(run: RunDir, key: str) -> int:
-    return len(list(run.scores_dir(key).glob("shard-*.parquet")))
 
 
 def test_one_round_is_plain_toss(tmp_path, tiny_models):

@@ -5,7 +5,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from conftest import chat, write_jsonl
-from toss_filter import ScoreConfig, score
+from toss_filter import ScoreConfig, score_dataset
 from toss_filter.errors import ConfigError
 from toss_filter.run import RunDir, tokens_digest
 from toss_filter.train import TrainRefConfig, train_reference
@@ -36,7 +36,7 @@ def test_train_ref_writes_a_loadable_adapter_whose_loss_went_down(trained, tiny_
 
 def test_train_ref_and_filter_see_identical_tokens_and_masks(trained, tiny_models, tmp_path):
     data, adapter, record = trained
-    score(ScoreConfig(str(data), str(adapter), str(tiny_models["utility"]), str(tmp_path / "run")), show_progress=False)
+    score_dataset(ScoreConfig(str(data), str(adapter), str(tiny_models["utility"]), str(tmp_path / "run")), show_progress=False)
     assert tokens_digest(RunDir(tmp_path / "run").read_tokens()) == record["data_sha256"]
 
 

@@ -365,3 +365,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log deta
                         format="toss-filter: %(message)s")
     if not verbose:  # raised inside transformers by its own Trainer/peft calls; nothing a user can act on
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
+
+
+if __name__ == "__main__":
+    app()

@@ -166,6 +166,16 @@ class RunDir:
     def score_shard(self, key: str, role: str, shard: int) -> Path:
         return shard_path(self.scores_dir(key) / role, shard)
 
+    def read_scores(self, key: str, shards: int) -> pa.Table:
+        """`row`, `nll_safety`, `nll_utility` of every shard under `key`, as one table (for checks and benchmarks;
+        the steps read shard by shard)."""
+        parts = []
+        for shard in range(shards):
+            safety, utility = (read_table(self.score_shard(key, role, shard)) for role in ("safety", "utility"))
+            parts.append(pa.table({"row": safety.column("row"), "nll_safety": safety.column("nll"),
+                                   "nll_utility": utility.column("nll")}))
+        return pa.concat_tables(parts)
+
     def missing_scores(self, key: str, roles: tuple[str, ...], shards: list[int]) -> list[tuple[str, int]]:
         return [(role, s) for role in roles for s in shards if not self.score_shard(key, role, s).exists()]
 

@@ -245,7 +245,7 @@ def test_broken_json_file(tmp_path):
     path = tmp_path / "d.json"
     path.write_text('[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": \n]', encoding="utf-8")
     error = load_error(path)
-    assert (error.source, error.row, error.field) == (str(path), None, None)
+    assert (error.source, error.row, error.field) == (str(path), 1, None)  # the row that does not parse
     assert "broken JSON at line 4" in str(error)
 
 

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from conftest import chat, write_jsonl
-from toss_filter import ScoreConfig, SelectConfig, filter_dataset, score, select
+from toss_filter import ScoreConfig, SelectConfig, filter_dataset, score_dataset, select_dataset
 from toss_filter.cli import _vllm_args, app
 from toss_filter.errors import ConfigError
 from toss_filter.run import RunDir, list_column
@@ -175,9 +175,16 @@ def test_agreement_reports_and_fails_above_the_dtype_tolerance():
         vllm_backend.agreement(base, np.array([1.0, 1.0, 2.0, 3.0], dtype=np.float32), torch.float32)
 
 
-def test_one_model_at_a_time_path_resumes_and_matches_the_shard_by_shard_path(tmp_path, tiny_models, monkeypatch):
-    """The path the vLLM backend takes when its two references need separate engines, run with the torch
-    scorer: one role over every shard, then the other; interrupted and resumed, it gives the same output."""
+def summary_shards(config: ScoreConfig) -> int:
+    return RunDir(config.run_dir).read_json("run.json")["shards"]
+
+
+def test_both_roles_per_shard_path_resumes_and_matches_the_role_by_role_path(tmp_path, tiny_models, monkeypatch):
+    """The two orders of work a scorer can ask for (steps/score.units): one role over every shard, then the other
+    (the vLLM backend with two engines; float32 LoRA merged in place), or both roles shard by shard; interrupted and
+    resumed, the shard-by-shard path gives the same output as the role-by-role one."""
+    import toss_filter.steps.score as score_step
+
     data = write_jsonl(tmp_path / "data.jsonl", ROWS)
 
     def run(name: str) -> tuple[ScoreConfig, SelectConfig]:
@@ -185,28 +192,27 @@ def test_one_model_at_a_time_path_resumes_and_matches_the_shard_by_shard_path(tm
         return (ScoreConfig(str(data), str(tiny_models["safety"]), str(tiny_models["utility"]), run_dir, shard_rows=2),
                 SelectConfig(run_dir, str(tmp_path / name)))
 
-    filter_dataset(*run("shard-by-shard"), show_progress=False)
-    monkeypatch.setattr(TorchScorer, "one_model_at_a_time", True)
-    calls, original = {"n": 0}, RunDir.write_shard
+    filter_dataset(*run("role-by-role"), show_progress=False)
+    monkeypatch.setattr(TorchScorer, "one_model_at_a_time", False)
+    calls, original = {"n": 0}, score_step.write_table
 
-    def interrupted(self, key, shard, table):
+    def interrupted(path, table):
         calls["n"] += 1
-        if calls["n"] == 5:  # after the 3 safety parts and 1 utility part
+        if calls["n"] == 5:  # after both roles of shards 0 and 1
             raise KeyboardInterrupt
-        original(self, key, shard, table)
+        original(path, table)
 
-    monkeypatch.setattr(RunDir, "write_shard", interrupted)
-    score_config, select_config = run("role-by-role")
+    monkeypatch.setattr(score_step, "write_table", interrupted)
+    score_config, select_config = run("shard-by-shard")
     with pytest.raises(KeyboardInterrupt):
-        score(score_config, show_progress=False)
-    monkeypatch.setattr(RunDir, "write_shard", original)
+        score_dataset(score_config, show_progress=False)
+    monkeypatch.setattr(score_step, "write_table", original)
     scorer_nll, seen = TorchScorer.nll, []
     monkeypatch.setattr(TorchScorer, "nll", lambda self, role, rows, cb=None: seen.append(role) or scorer_nll(self, role, rows, cb))
-    summary = score(score_config, show_progress=False)
-    assert seen == ["utility", "utility"]  # the parts written before the interruption are not scored again
-    assert not [p for p in (tmp_path / "role-by-role-run" / "scores" / summary["score_key"]).iterdir() if p.is_dir()]
-    select(select_config, show_progress=False)
-    assert load_from_disk(str(tmp_path / "role-by-role")).to_dict() == load_from_disk(str(tmp_path / "shard-by-shard")).to_dict()
+    score_dataset(score_config, show_progress=False)
+    assert seen == ["safety", "utility"] * (summary_shards(score_config) - 2)  # shards 0 and 1 were complete
+    select_dataset(select_config, show_progress=False)
+    assert load_from_disk(str(tmp_path / "shard-by-shard")).to_dict() == load_from_disk(str(tmp_path / "role-by-role")).to_dict()
 
 
 # ---- vLLM against torch, end to end -------------------------------------------------------------------------
@@ -288,7 +294,7 @@ def test_verify_is_reported_and_fails_above_the_tolerance(runs, monkeypatch):
     config = ScoreConfig(str(runs["data"]), adapters["safety_model"], adapters["utility_model"], str(runs["vllm"]),
                          backend="vllm", shard_rows=2, verify=3)
     with pytest.raises(ScoreMismatchError, match="float32 tolerance"):
-        score(config, show_progress=False)
+        score_dataset(config, show_progress=False)
     assert not RunDir(runs["vllm"]).read_json("run.json")["verify"]["passed"]
 
 
@@ -301,7 +307,7 @@ def test_a_second_run_reuses_the_merged_adapters(runs, monkeypatch):
 
     monkeypatch.setattr(peft.PeftModel, "from_pretrained", lambda *a, **k: pytest.fail("merged again"))
     config = json.loads((runs["vllm"] / "config.json").read_text())["score"]
-    summary = score(ScoreConfig(**(config | {"shard_rows": 3, "verify": 0})), show_progress=False)  # new key: rescored
+    summary = score_dataset(ScoreConfig(**(config | {"shard_rows": 3, "verify": 0})), show_progress=False)  # new key: rescored
     assert summary["resumed_shards"] == 0
     assert sorted((runs["vllm"] / "merged").iterdir()) == merged and [p.stat().st_mtime_ns for p in merged] == stamps
     again = _scores(runs["vllm"])

@@ -81,13 +81,18 @@ def _read_json(path: Path) -> Iterator[Any]:
     `json.loads` would read the whole list."""
     decoder, source = json.JSONDecoder(), str(path)
     with path.open(encoding="utf-8-sig") as handle:
-        buffer, position = "", 0
+        buffer, position, lines_before, rows = "", 0, 0, 0
 
         def more() -> bool:  # append the next chunk to what is left of the buffer; False at the end of the file
-            nonlocal buffer, position
+            nonlocal buffer, position, lines_before
             chunk = handle.read(JSON_CHUNK_CHARS)
+            lines_before += buffer.count("\n", 0, position)
             buffer, position = buffer[position:] + chunk, 0
             return bool(chunk)
+
+        def where(pos: int) -> str:
+            line_start = buffer.rfind("\n", 0, pos) + 1
+            return f"line {lines_before + buffer.count(chr(10), 0, pos) + 1}, column {pos - line_start + 1}"
 
         def next_char() -> str:  # the next non-blank character ("" at the end of the file), left in the buffer
             nonlocal position
@@ -97,8 +102,11 @@ def _read_json(path: Path) -> Iterator[Any]:
                 if position < len(buffer) or not more():
                     return buffer[position:position + 1]
 
-        if next_char() != "[":
-            raise InputError(source, None, None, "a .json input must hold a list of rows")
+        first = next_char()
+        if first != "[":
+            kinds = {"{": "dict", '"': "str", "t": "bool", "f": "bool", "n": "NoneType"}
+            found = kinds.get(first, "nothing" if not first else "a number" if first in "-0123456789" else repr(first))
+            raise InputError(source, None, None, f"a .json input must hold a list of rows, got {found}")
         position += 1
         expect_value = False  # after "[" a "]" may come; after "," a value must
         while True:
@@ -120,15 +128,15 @@ def _read_json(path: Path) -> Iterator[Any]:
                         break
                 except json.JSONDecodeError as err:
                     if not more():  # else the element may continue in the next chunk
-                        raise InputError(source, None, None, f"broken JSON: {err.msg}") from None
+                        raise InputError(source, rows, None, f"broken JSON at {where(err.pos)}: {err.msg}") from None
             yield element
-            position = end
+            position, rows = end, rows + 1
             char = next_char()
             if char == ",":
                 position, expect_value = position + 1, True
             elif char != "]":
-                raise InputError(source, None, None, f"broken JSON: expected ',' or ']' after a row, got {char!r}"
-                                 if char else "broken JSON: the list is not closed with ']'")
+                raise InputError(source, rows, None, f"broken JSON at {where(position)}: expected ',' or ']' after "
+                                 f"a row, got {char!r}" if char else "broken JSON: the list is not closed with ']'")
             else:
                 expect_value = False
 

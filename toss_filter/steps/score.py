@@ -16,6 +16,7 @@ scores both roles of a shard together.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -49,6 +50,7 @@ class ScoreJob:
     tokens_key: str
     score_key: str
     threads: int | None = None
+    deterministic: bool = False
 
 
 def build_references(config: ScoreConfig) -> ReferenceModels:
@@ -66,6 +68,13 @@ class ShardScorer:
 
         if job.threads:
             torch.set_num_threads(job.threads)  # results must not depend on the cores a worker happens to see
+        if job.deterministic:
+            # vLLM schedules requests by timing, so its batches differ run to run: its batch-invariant kernels make
+            # a token's score independent of its batch. The torch backend's batches are a function of the shard,
+            # so deterministic kernels are all it needs. Both must be set before any CUDA work starts.
+            os.environ["VLLM_BATCH_INVARIANT"] = "1"
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
         self.job, self.run = job, RunDir(job.config.run_dir)
         self.references = build_references(job.config)
         config = job.config
@@ -146,7 +155,6 @@ def score_step(config: ScoreConfig, executor: Executor, show_progress: bool = Tr
     """Tokenize `config.input` and write per-token NLLs under both references into `config.run_dir`, resuming
     from complete shards. Returns the run summary (also saved as run.json)."""
     run = RunDir(config.run_dir)
-    run.path.mkdir(parents=True, exist_ok=True)
     references = build_references(config)
     started = time.perf_counter()
     chat_format = resolve_format(references.tokenizer, config.template)
@@ -161,7 +169,8 @@ def score_step(config: ScoreConfig, executor: Executor, show_progress: bool = Tr
     index, count = parse_slice(config.shard_slice)
     mine = plan.slice(index, count)
     missing = run.missing_scores(key, ROLES, mine)
-    job = ScoreJob(config, tokens_key, key, executor_config.threads if executor_config else None)
+    job = ScoreJob(config, tokens_key, key, executor_config.threads if executor_config else None,
+                   bool(executor_config and executor_config.deterministic))
     result = executor.score(job, missing, show_progress) if missing else {"scorer": None, "score_s": 0.0,
                                                                           "tokens": 0, "load_models_s": None}
     summary = {
