@@ -93,10 +93,9 @@ def main() -> None:
 
 
 def _token_rows(run_dir: Path) -> list[list[int]]:
-    import pyarrow as pa
+    from toss_filter.run import RunDir
 
-    table = pa.ipc.open_file(pa.memory_map(str(run_dir / "tokens.arrow"))).read_all()
-    return table.column("input_ids").to_pylist()
+    return RunDir(run_dir).read_tokens().column("input_ids").to_pylist()
 
 
 if __name__ == "__main__":

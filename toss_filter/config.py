@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from toss_filter.errors import ConfigError
-from toss_filter.data.write import check_output
 from toss_filter.plan import parse_slice
 from toss_filter.select.rules import STRATEGIES
 
@@ -122,11 +121,17 @@ class SelectConfig:
             raise ConfigError(f"--ratio must be within [0, 1], got {self.ratio}")
         _choice("scope", self.scope, SCOPES)
         _choice("strategy", self.strategy, STRATEGIES)
+        from toss_filter.data.write import check_output  # here, not at import: the CLI's --help stays light
+
         check_output(Path(self.output), self.format, self.emit_assistant_masks)
         if self.strategy != "toss" and (self.scope != "global" or self.threshold is not None):
             raise ConfigError(f"--scope and --threshold refine --strategy toss only, not {self.strategy}")
         if Path(self.output).resolve() == Path(self.run_dir).resolve():
             raise ConfigError("--output and --run-dir must be different directories")
+
+    def flagging(self) -> dict[str, Any]:
+        """The settings that decide which tokens a TOSS-Pro round flags (so `select` can tell if they changed)."""
+        return {"ratio": self.ratio, "scope": self.scope, "threshold": self.threshold}
 
 
 EXECUTORS = ("local", "ray")

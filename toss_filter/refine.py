@@ -87,11 +87,6 @@ def check_refinable(score_config: ScoreConfig, select_config: SelectConfig) -> N
         raise ConfigError("--rounds is TOSS-Pro: it flags tokens by score, so it needs --strategy toss")
 
 
-def flagging(select_config: SelectConfig) -> dict[str, Any]:
-    """The selection settings that decide which tokens a round flags (so `select` can tell if they changed)."""
-    return {"ratio": select_config.ratio, "scope": select_config.scope, "threshold": select_config.threshold}
-
-
 def refine_rounds(score_config: ScoreConfig, select_config: SelectConfig, refine: RefineConfig,
                   show_progress: bool = True) -> list[dict[str, Any]]:
     """Run TOSS-Pro on a run directory that `score` has just filled; returns the per-round entries (see the module
@@ -164,7 +159,7 @@ def refine_rounds(score_config: ScoreConfig, select_config: SelectConfig, refine
 
     if refine.rounds > 1:
         key = content_key({"first_round": state["score_key"], "refined_safety": model_fingerprint(adapter),
-                           **as_dict(refine), **flagging(select_config)})
+                           **as_dict(refine), **select_config.flagging()})
         first = run.scores_dir(state["score_key"])
         for shard, span in enumerate(map(plan.span, range(plan.shards))):
             start, stop = offsets[span.start], offsets[span.stop]
@@ -174,5 +169,5 @@ def refine_rounds(score_config: ScoreConfig, select_config: SelectConfig, refine
             _link(run.score_shard(state["score_key"], "utility", shard), run.score_shard(key, "utility", shard))
         atomic_write_text(run.scores_dir(key) / "key.json", (first / "key.json").read_text())
         state |= {"first_round_score_key": state["score_key"], "score_key": key}
-    run.write_json("run.json", state | {"rounds": entries, "refine": as_dict(refine) | {"flagged_with": flagging(select_config)}})
+    run.write_json("run.json", state | {"rounds": entries, "refine": as_dict(refine) | {"flagged_with": select_config.flagging()}})
     return entries

@@ -114,3 +114,26 @@ def test_a_driver_killed_with_sigkill_resumes_to_the_same_output(tmp_path, data,
     assert file_digests(run_dir, "scores") == file_digests(clean, "scores")
     assert not [p for p in run_dir.rglob(".*") if p.is_file()], "no temporary file is left"
     assert load_from_disk(str(out)).num_rows == json.loads((run_dir / "stats.json").read_text())["rows_out"]
+
+
+def test_one_shard_and_many_shards_give_the_same_scores_and_output(tmp_path, data, tiny_models):
+    runs = {}
+    for name, shard_rows in (("one", 1000), ("many", 3)):
+        run_dir = tmp_path / name
+        config = ScoreConfig(str(data), str(tiny_models["safety"]), str(tiny_models["utility"]), str(run_dir),
+                             shard_rows=shard_rows, device="cpu")
+        runs[name] = filter_dataset(config, SelectConfig(str(run_dir), str(tmp_path / f"{name}-out")),
+                                    show_progress=False)
+        assert runs[name]["shards"] == -(-len(ROWS) // shard_rows)
+    scores = {name: RunDir(tmp_path / name).read_scores(RunDir(tmp_path / name).read_json("run.json")["score_key"],
+                                                        runs[name]["shards"]) for name in runs}
+    for column in ("nll_safety", "nll_utility"):  # bit for bit, NaN where unscored
+        one, many = (scores[name].column(column).combine_chunks().values.to_numpy() for name in ("one", "many"))
+        assert one.tobytes() == many.tobytes(), column
+    for suffix in ("-out", "-out-rejected"):
+        one, many = (load_from_disk(str(tmp_path / f"{name}{suffix}")).data.table for name in ("one", "many"))
+        assert one.equals(many), suffix
+    one, many = (load_from_disk(str(tmp_path / name / "token_scores")).data.table for name in ("one", "many"))
+    assert one.column("unsafe").equals(many.column("unsafe"))
+    assert one.column("score").combine_chunks().values.to_numpy().tobytes() == \
+        many.column("score").combine_chunks().values.to_numpy().tobytes()

@@ -157,16 +157,14 @@ def _datasets(staging: Path, shards: int, assistant_masks: bool) -> dict[str, Sh
 def select_step(config: SelectConfig, executor: Any, show_progress: bool = True) -> dict[str, Any]:
     """Mask the unsafe tokens chosen from the run directory's scores and write the output (see
     `toss_filter.data.write` for its contract), the rejected rows, the sidecar and stats.json."""
-    from toss_filter.refine import flagging
-
     started = time.perf_counter()
     run = RunDir(config.run_dir)
     state = run.read_json("run.json")
     plan = check_scored(run, state)
-    if "rounds" in state and state["refine"]["flagged_with"] != flagging(config):
+    if "rounds" in state and state["refine"]["flagged_with"] != config.flagging():
         log.warning("these scores come from TOSS-Pro rounds that flagged tokens with %s, not with this selection's "
                     "%s; re-run `filter --rounds` to refine θs for these settings", state["refine"]["flagged_with"],
-                    flagging(config))
+                    config.flagging())
     reader = ShardReader(str(run.path), state["tokens_key"], state["score_key"])
     rule = Rule(config.strategy, config.ratio, config.scope, config.threshold, config.seed)
     decision = decide(rule, plan.shards, reader, executor.map_shards)
