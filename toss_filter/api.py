@@ -23,7 +23,7 @@ def _on_executor(executor: ExecutorConfig | None, work: Callable[[Any], dict[str
     try:
         return work(running)
     finally:
-        getattr(running, "close", lambda: None)()  # TODO(helper-3): every executor gets close()
+        running.close()
 
 
 def score_dataset(config: ScoreConfig, executor: ExecutorConfig | None = None,

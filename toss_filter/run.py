@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from importlib import metadata
 from pathlib import Path
@@ -193,9 +192,3 @@ class RunDir:
     def plan(self, state: dict[str, Any]) -> ShardPlan:
         return ShardPlan(state["shard_rows"], state["rows"])
 
-
-def check_visible(path: Path) -> None:
-    """Refuse a run directory a worker cannot see (on a cluster it must be on a filesystem every node mounts)."""
-    if not path.is_dir():
-        raise ConfigError(f"the run directory {path} is not visible from this worker ({os.uname().nodename}): "
-                          "on a cluster, put --run-dir on a filesystem every node mounts")

@@ -137,6 +137,9 @@ class Executor(Protocol):
     def map_shards(self, fn: Any, shards: Any) -> list[Any]:
         """`[fn(s) for s in shards]`, possibly in other processes (`fn` is picklable)."""
 
+    def close(self) -> None:
+        """Release what the executor started (a local Ray)."""
+
 
 def score_key(manifest: dict[str, Any], config: ScoreConfig, references: ReferenceModels) -> tuple[str, dict[str, Any]]:
     """The score key and what it is made of: the tokens' content and everything that changes a score."""

@@ -1,0 +1,183 @@
+"""The Ray executor on a real local Ray (2 CPUs, 2 logical GPUs), with the tiny models: the same shard bytes as the
+local executor, a replica killed mid-run, logical GPUs, `map_shards`, the run-directory probe, a worker's error."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from conftest import write_jsonl  # noqa: E402
+from toss_filter.config import ExecutorConfig, ScoreConfig  # noqa: E402
+from toss_filter.errors import ConfigError  # noqa: E402
+from toss_filter.executors import make_executor  # noqa: E402
+from toss_filter.executors import ray as ray_executor  # noqa: E402
+from toss_filter.executors.ray import RayExecutor  # noqa: E402
+from toss_filter.steps.score import ScoreJob, ShardScorer, score_step  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One Ray for the module (start-up takes seconds). Its workers cannot import this test module, so what it
+    sends them (the crashing scorer, the map_shards functions) travels by value."""
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+    ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    rows = [{"messages": [{"role": "user", "content": f"question {i} " * (i % 7 + 1)},
+                          {"role": "assistant", "content": f"answer {i} " * (i % 11 + 2)}]} for i in range(57)]
+    return write_jsonl(tmp_path_factory.mktemp("ray-data") / "data.jsonl", rows)
+
+
+def config(data: Path, models: dict, run_dir: Path, **overrides) -> ScoreConfig:
+    return ScoreConfig(str(data), str(models["safety"]), str(models["utility"]), run_dir=str(run_dir), shard_rows=10,
+                       device="cpu", **overrides)
+
+
+def shard_digests(run_dir: Path) -> dict[str, str]:
+    """sha256 of every file under tokens/ and scores/, by relative path (temporary files included)."""
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for top in ("tokens", "scores") for p in sorted((run_dir / top).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, data, tiny_models):
+    run_dir = tmp_path_factory.mktemp("local") / "run"
+    summary = score_step(config(data, tiny_models, run_dir), make_executor(), show_progress=False)
+    assert summary["shards"] == 6
+    return summary, shard_digests(run_dir)
+
+
+def assert_same_as_local(run_dir: Path, summary: dict, local_run) -> None:
+    local_summary, local_digests = local_run
+    assert summary["score_key"] == local_summary["score_key"]
+    assert shard_digests(run_dir) == local_digests  # the same files, byte for byte: no extra, temporary or missing
+    assert not list(run_dir.glob(".ray-probe-*"))
+
+
+def ray_score(data, models, run_dir, executor_config, **kwargs):
+    with RayExecutor(executor_config, **kwargs) as executor:
+        summary = score_step(config(data, models, run_dir), executor, show_progress=False,
+                             executor_config=executor_config)
+        return summary, executor.last_run
+
+
+def test_ray_matches_local(ray_session, data, tiny_models, local_run, tmp_path):
+    summary, last = ray_score(data, tiny_models, tmp_path / "run", ExecutorConfig(executor="ray", replicas=2))
+    assert_same_as_local(tmp_path / "run", summary, local_run)
+    assert summary["provenance"]["executor"] == "ray" and summary["scorer"]["backend"] == "torch"
+    assert sum(replica["units"] for replica in last["replicas"]) == 12  # 6 shards × 2 roles
+    assert ray.is_initialized()  # a Ray the executor did not start stays up
+
+
+class CrashOnceScorer(ShardScorer):
+    """Kills its worker process on the first unit of the run, once (the marker file beside the run directory)."""
+
+    def score(self, unit, on_batch=None):
+        marker = Path(self.job.config.run_dir).parent / "crashed"
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return super().score(unit, on_batch)
+        os._exit(1)
+
+
+def test_killed_replica_is_restarted(ray_session, data, tiny_models, local_run, tmp_path):
+    summary, last = ray_score(data, tiny_models, tmp_path / "run", ExecutorConfig(executor="ray", replicas=2),
+                              scorer_class=CrashOnceScorer)
+    assert (tmp_path / "crashed").exists()
+    assert_same_as_local(tmp_path / "run", summary, local_run)
+    assert sum(replica["units"] for replica in last["replicas"]) == 12  # every unit once, the retried one too
+
+
+def test_logical_gpus(ray_session, data, tiny_models, local_run, tmp_path):
+    summary, last = ray_score(data, tiny_models, tmp_path / "run",
+                              ExecutorConfig(executor="ray", replicas=2, gpus_per_replica=1))
+    replicas = last["replicas"]
+    assert len({replica["actor"] for replica in replicas}) == 2
+    assert sorted(replica["gpu_ids"] for replica in replicas) == ["0", "1"]
+    assert summary["scorer"]["device"] == "cpu"  # a logical GPU is not a real one: torch stays on the CPU
+    assert_same_as_local(tmp_path / "run", summary, local_run)
+
+
+def scaled(factor: int, shard: int) -> tuple[int, int, int]:
+    return shard, factor * shard, os.getpid()
+
+
+def refuse(shard: int) -> None:
+    raise ConfigError(f"shard {shard} is unusable")
+
+
+def test_map_shards(ray_session):
+    executor = RayExecutor(ExecutorConfig(executor="ray"))
+    shards = [5, 3, 9, 0, 7, 1]
+    results = executor.map_shards(partial(scaled, 10), shards)
+    assert [(shard, value) for shard, value, _ in results] == [(s, 10 * s) for s in shards]
+    assert os.getpid() not in {pid for _, _, pid in results}  # they ran as Ray tasks
+    with pytest.raises(ConfigError, match=r"^shard 2 is unusable$"):
+        executor.map_shards(refuse, [2])
+    assert executor.map_shards(refuse, []) == []
+
+
+def wait_for_free_cpus() -> None:
+    """A failed run must release its replicas (the next test needs the CPUs)."""
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < 2:
+        assert time.monotonic() < deadline, f"replicas left running: {ray.available_resources()}"
+        time.sleep(0.2)
+
+
+def test_run_dir_the_workers_do_not_see(ray_session, data, tiny_models, tmp_path, monkeypatch):
+    def unseen_probe(run_dir):  # as if the workers mounted another directory at the same path
+        path, token = write_probe(run_dir)
+        path.unlink()
+        return path, token
+
+    write_probe = ray_executor.write_probe
+    monkeypatch.setattr(ray_executor, "write_probe", unseen_probe)
+    with pytest.raises(ConfigError) as caught:
+        ray_score(data, tiny_models, tmp_path / "run", ExecutorConfig(executor="ray", replicas=1))
+    message = str(caught.value)
+    assert "\n" not in message and "does not see the driver's probe file" in message
+    assert str((tmp_path / "run").resolve()) in message and os.uname().nodename in message
+    assert not list((tmp_path / "run" / "scores").rglob("*.arrow"))
+    wait_for_free_cpus()
+
+
+def test_worker_error_is_one_line(ray_session, data, tiny_models, tmp_path):
+    """An adapter that does not fit its base fails when the replica loads it: the user gets the ConfigError of the
+    local path, in one line, with the shard and role."""
+    bad = config(data, tiny_models, tmp_path / "run", base_model=str(tiny_models["other_base"]))
+    with RayExecutor(ExecutorConfig(executor="ray")) as executor, pytest.raises(ConfigError) as caught:
+        score_step(bad, executor, show_progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and "does not fit the base model" in message
+    assert message.startswith("scoring shard 0 (safety) on ")
+    wait_for_free_cpus()
+
+
+def test_vllm_replicas_run_tensor_parallel(tmp_path):
+    """Only the config: vLLM on Ray needs a GPU cluster, which the tests do not have."""
+    vllm = ScoreJob(ScoreConfig("in.jsonl", "safety", "utility", str(tmp_path / "run"), backend="vllm"), "t", "s")
+    job = ray_executor.replica_job(vllm, ExecutorConfig(executor="ray", gpus_per_replica=2, cpus_per_replica=4))
+    assert job.config.tensor_parallel_size == 2 and job.threads == 4
+    assert job.config.run_dir == str((tmp_path / "run").resolve())
+    assert ray_executor.replica_job(vllm, ExecutorConfig(executor="ray", gpus_per_replica=1)).config.tensor_parallel_size == 1
+    torch_job = ScoreJob(ScoreConfig("in.jsonl", "safety", "utility", str(tmp_path)), "t", "s")
+    assert ray_executor.replica_job(torch_job, ExecutorConfig(executor="ray", gpus_per_replica=2)).config.tensor_parallel_size == 1
+    with pytest.raises(ConfigError, match="--tensor-parallel-size 4"):
+        ray_executor.replica_job(ScoreJob(ScoreConfig("in.jsonl", "s", "u", str(tmp_path), backend="vllm",
+                                                      tensor_parallel_size=4), "t", "s"),
+                                 ExecutorConfig(executor="ray", gpus_per_replica=2))

@@ -1,0 +1,329 @@
+"""The Ray executor: the same shard units as the local executor, placed on a Ray cluster (or a local Ray).
+
+    with RayExecutor(ExecutorConfig(executor="ray", replicas=4, gpus_per_replica=1)) as executor:
+        score_step(config, executor)
+
+Scoring is Ray Data over shard descriptors: the driver builds the units (`steps.score.units`, role-major, so the
+driver never loads a model), makes a dataset of small `{"roles", "shard"}` rows, one block per unit, and maps it
+with one actor per replica (`replicas`, each with `cpus_per_replica` CPUs, which are also its torch threads, and
+`gpus_per_replica` GPUs). Each actor builds one `ShardScorer` and calls `ShardScorer.score` on whole shards: the
+code of the local path, which reads the token shard from the run directory and writes the score files there.
+No token crosses Ray: a unit's output row is its shard, roles, token count, seconds and where it ran.
+
+- The run directory must be on a filesystem every worker sees. The driver writes a probe file with a random token
+  into it (`.ray-probe-<token>`, removed at the end); every actor checks it before it loads a model and otherwise
+  fails with a `ConfigError` naming its node and the path. Relative model and run paths are made absolute on the
+  driver, since a worker's working directory is not the driver's.
+- A replica that dies (killed, out of memory, a lost node) is restarted and its unit retried, up to `RETRIES`
+  times each (`max_restarts`, `max_task_retries`). An exception in a worker is not retried: it comes back as the
+  unit's row, and the driver raises it as a one-line `TossError` (a `ConfigError` stays a `ConfigError`) naming the
+  shard, the role and the node. Shard files are written atomically, so a failed or killed run leaves no
+  finished-looking file, and a re-run resumes from the complete ones (a replica killed in the middle of a write
+  can leave a dot-named temporary file beside the shards; it never looks finished).
+- With the vLLM backend and `gpus_per_replica >= 2`, each replica's engine runs tensor-parallel over its GPUs
+  (`tensor_parallel_size = int(gpus_per_replica)`, unless set). This is built and checked here, but not tested:
+  vLLM inside Ray actors needs a GPU cluster, which the test suite does not have.
+- `toss-filter` (and Ray, `pip install 'toss-filter[ray]'`) must be installed on every node of a cluster.
+
+Ray is imported here only, lazily: the local executor never needs it, and errors found on the driver (bad input,
+bad options) stop the run before Ray starts. Ray starts at the first `score` or `map_shards`: it joins
+`ray_address` (else `RAY_ADDRESS`, else starts a local Ray on every core), unless the caller has initialised Ray
+already, whose session is then used as it is. A Ray this executor started is shut down by `close()`; one that was
+running already is left running. A replica that no node can hold is refused on a local Ray this executor started,
+and only warned about on a cluster (an autoscaler may add a node that fits; Ray waits for it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toss_filter.config import ExecutorConfig
+from toss_filter.errors import ConfigError, TossError
+from toss_filter.files import atomic_write_text
+from toss_filter.steps.progress import Progress
+from toss_filter.steps.score import ScoreJob, ShardScorer, units
+
+RETRIES = 2  # restarts of a dead replica, and retries of the unit it was scoring
+PROBE_PREFIX = ".ray-probe-"
+
+log = logging.getLogger(__name__)
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(f"--executor ray needs Ray ({err}): pip install 'toss-filter[ray]'") from err
+    return ray
+
+
+def one_line(err: BaseException) -> str:
+    """A worker's error as the one line the CLI prints: a TossError's message; otherwise its type and first line."""
+    text = str(err).strip().splitlines()
+    first = text[0] if text else ""
+    return first if isinstance(err, TossError) else f"{type(err).__name__}: {first}".rstrip(": ")
+
+
+def node_name() -> str:
+    try:
+        import ray.util
+
+        return f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
+    except Exception:
+        return socket.gethostname()
+
+
+def replica_job(job: ScoreJob, config: ExecutorConfig) -> ScoreJob:
+    """The job as a replica runs it: torch threads pinned to its CPUs, absolute paths, and a vLLM engine that is
+    tensor-parallel over the replica's GPUs."""
+    score = job.config
+    gpus = int(config.gpus_per_replica)
+    if score.backend == "vllm" and gpus >= 2:
+        if score.tensor_parallel_size == 1:
+            score = dataclasses.replace(score, tensor_parallel_size=gpus)
+        elif score.tensor_parallel_size > gpus:
+            raise ConfigError(f"--tensor-parallel-size {score.tensor_parallel_size} needs more GPUs than "
+                              f"--gpus-per-replica {config.gpus_per_replica} gives a replica")
+
+    def absolute(path: str | None) -> str | None:
+        return str(Path(path).resolve()) if path and Path(path).exists() else path
+
+    score = dataclasses.replace(score, run_dir=str(Path(score.run_dir).resolve()),
+                                safety_model=absolute(score.safety_model), utility_model=absolute(score.utility_model),
+                                base_model=absolute(score.base_model))
+    return dataclasses.replace(job, config=score, threads=config.cpus_per_replica)
+
+
+def write_probe(run_dir: Path) -> tuple[Path, str]:
+    """A file only this run's driver wrote (a unique name, holding a random token), for workers to look for."""
+    token = secrets.token_hex(16)
+    path = run_dir / f"{PROBE_PREFIX}{token}"
+    atomic_write_text(path, token + "\n")
+    return path, token
+
+
+def check_probe(path: Path, token: str) -> None:
+    """Refuse to score in a run directory that is not the driver's (not mounted here, or another one)."""
+    try:
+        seen: str | None = path.read_text().strip()
+    except FileNotFoundError:
+        seen = None
+    if seen != token:
+        problem = "does not see" if seen is None else "reads another token from"
+        raise ConfigError(f"the Ray worker on {node_name()} {problem} the driver's probe file {path}: the run "
+                          "directory must be on a filesystem every node mounts (--run-dir on shared storage)")
+
+
+class ScoreReplica:
+    """One Ray Data actor: one scorer, built once, scoring one unit per call. Errors come back as the unit's row
+    (`error`, `error_kind`), so the driver reports them in one line rather than as a Ray traceback."""
+
+    def __init__(self, job: ScoreJob, probe: tuple[str, str], scorer_class: type = ShardScorer):
+        import ray
+
+        started = time.perf_counter()
+        context = ray.get_runtime_context()
+        self.where = {"node": node_name(), "actor": context.get_actor_id() or "",
+                      "gpu_ids": ",".join(str(gpu) for gpu in ray.get_gpu_ids())}
+        self.scorer: Any = None
+        self.error: tuple[str, str] | None = None
+        try:
+            check_probe(Path(probe[0]), probe[1])
+            self.scorer = scorer_class(job)
+            self.scorer.one_model_at_a_time  # noqa: B018  (loads the torch weights, so they are timed as a load)
+        except Exception as err:
+            self.error = self._caught(err)
+        self.load_s = time.perf_counter() - started
+
+    @staticmethod
+    def _caught(err: Exception) -> tuple[str, str]:
+        if not isinstance(err, TossError):
+            log.exception("scoring failed")  # the traceback, in the worker's log
+        return type(err).__name__ if isinstance(err, TossError) else "other", one_line(err)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        roles, shard = str(batch["roles"][0]), int(batch["shard"][0])
+        row: dict[str, Any] = {"shard": shard, "roles": roles, "tokens": 0, "seconds": 0.0, "load_s": self.load_s,
+                               "started": time.time(), "describe": "", "error": "", "error_kind": "", **self.where}
+        error = self.error
+        if error is None:
+            try:
+                result = self.scorer.score((tuple(roles.split(",")), shard))
+                row |= {"tokens": result["tokens"], "seconds": result["seconds"],
+                        "describe": json.dumps(self.scorer.describe(), default=str)}
+            except Exception as err:
+                error = self._caught(err)
+        if error is not None:
+            row["error_kind"], row["error"] = error
+        return {name: np.array([value]) for name, value in row.items()}
+
+    def __del__(self) -> None:
+        if self.scorer is not None:
+            try:
+                self.scorer.close()
+            except Exception:
+                pass
+
+
+def _apply(fn: Callable[[int], Any], shard: int) -> Any:
+    return fn(shard)
+
+
+class RayExecutor:
+    """`steps.score.Executor` on Ray (module docstring). A context manager; `close()` shuts down a Ray it started.
+
+    `scorer_class` builds each replica's scorer (default `ShardScorer`); tests pass a subclass to inject faults."""
+
+    name = "ray"
+
+    def __init__(self, config: ExecutorConfig, scorer_class: type = ShardScorer):
+        self.config, self.scorer_class = config, scorer_class
+        self.last_run: dict[str, Any] | None = None  # what `score` returned last, with where each unit ran
+        self._started = self._local = False
+        import_ray()  # a missing Ray is a ConfigError now, before any work
+
+    # ---- Ray
+    def _ray(self) -> Any:
+        ray = import_ray()
+        if not ray.is_initialized():
+            address = self.config.ray_address or os.environ.get("RAY_ADDRESS") or None
+            verbose = logging.getLogger().isEnabledFor(logging.INFO)
+            try:  # a local Ray (no address) uses every core of this machine
+                ray.init(address=address, log_to_driver=verbose,
+                         logging_level=logging.INFO if verbose else logging.WARNING)
+            except ConnectionError as err:
+                raise ConfigError(f"cannot reach the Ray cluster at {address}: {one_line(err)}") from err
+            self._started, self._local = True, address is None
+        return ray
+
+    def _check_fits(self, ray: Any) -> None:
+        """Ray waits forever for a replica no node can hold: refuse it on a local Ray this executor started (it
+        cannot grow); on a cluster, say so, since an autoscaler may add a node that fits."""
+        need = {"CPU": self.config.cpus_per_replica, "GPU": self.config.gpus_per_replica}
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        if any(all(resources.get(name, 0) >= amount for name, amount in need.items()) for resources in nodes):
+            return
+        have = "; ".join(sorted({f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs"
+                                 for resources in nodes})) or "no node"
+        message = (f"no node of the Ray cluster can hold one replica (--cpus-per-replica {need['CPU']}, "
+                   f"--gpus-per-replica {need['GPU']:g}; the nodes have {have})")
+        if self._started and self._local:
+            raise ConfigError(message)
+        log.warning("%s: waiting for the cluster to grow (Ctrl-C to stop)", message)
+
+    def close(self) -> None:
+        if self._started:
+            import ray
+
+            ray.shutdown()
+            self._started = False
+
+    def __enter__(self) -> RayExecutor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- work
+    def map_shards(self, fn: Callable[[int], Any], shards: Sequence[int]) -> list[Any]:
+        """`[fn(s) for s in shards]` as Ray tasks of one CPU each, results in order; a worker's `TossError` is
+        raised here as itself."""
+        shards = list(shards)
+        if not shards:
+            return []
+        ray = self._ray()
+        task = ray.remote(num_cpus=1, max_retries=RETRIES)(_apply)
+        fn_ref = ray.put(fn)
+        refs = [task.remote(fn_ref, shard) for shard in shards]
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayError as err:
+            for ref in refs:
+                ray.cancel(ref)
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, TossError):
+                raise cause from None
+            raise TossError(f"a Ray shard task failed: {one_line(cause or err)}") from None
+
+    def score(self, job: ScoreJob, missing: list[tuple[str, int]], show_progress: bool) -> dict[str, Any]:
+        work = units(missing, one_model_at_a_time=True)  # role-major: right for every scorer, and no model here
+        if not work:
+            return {"scorer": None, "score_s": 0.0, "tokens": 0, "load_models_s": None}
+        job = replica_job(job, self.config)
+        ray = self._ray()
+        self._check_fits(ray)
+        from ray.data import DataContext
+
+        probe, token = write_probe(Path(job.config.run_dir))
+        context, data_log = DataContext.get_current(), logging.getLogger("ray.data")
+        saved = context.enable_progress_bars, context.print_on_execution_start, data_log.level
+        context.enable_progress_bars = context.print_on_execution_start = False  # our bar, on our terms
+        if not logging.getLogger().isEnabledFor(logging.INFO):
+            data_log.setLevel(logging.CRITICAL)  # Ray Data's notes and tracebacks only with --verbose: we report
+        try:
+            rows = ray.data.from_items([{"roles": ",".join(roles), "shard": shard} for roles, shard in work],
+                                       override_num_blocks=len(work))  # one block per unit: one task per unit
+            with warnings.catch_warnings():
+                # max_restarts / max_task_retries have no named parameter yet: they go as `ray_remote_args`,
+                # deprecated from Ray 2.60 on, and still honoured by the pinned line (<2.61)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                scored = rows.map_batches(
+                    ScoreReplica, fn_constructor_args=(job, (str(probe), token), self.scorer_class), batch_size=1,
+                    compute=ray.data.ActorPoolStrategy(size=self.config.replicas),
+                    num_cpus=self.config.cpus_per_replica, num_gpus=self.config.gpus_per_replica or None,
+                    max_restarts=RETRIES, max_task_retries=RETRIES)
+            self.last_run = self._collect(ray, scored, work, show_progress)
+            return self.last_run
+        finally:
+            context.enable_progress_bars, context.print_on_execution_start, level = saved
+            data_log.setLevel(level)
+            probe.unlink(missing_ok=True)
+
+    def _collect(self, ray: Any, scored: Any, work: list, show_progress: bool) -> dict[str, Any]:
+        pending = {(",".join(roles), shard) for roles, shard in work}
+        tokens, loads, describe, replicas = 0, {}, None, {}
+        span = [float("inf"), 0.0]  # the first unit's start and the last one's end, in wall-clock time
+        with Progress("score", len(work), "shard-roles", show_progress) as progress:
+            try:
+                results = iter(scored.iter_rows())
+                try:
+                    for row in results:
+                        if row["error"]:
+                            kind = ConfigError if row["error_kind"] == "ConfigError" else TossError
+                            raise kind(f"scoring shard {row['shard']} ({row['roles'].replace(',', ', ')}) on "
+                                       f"{row['node']} failed: {row['error']}")
+                        pending.discard((row["roles"], int(row["shard"])))
+                        tokens += int(row["tokens"])
+                        span = [min(span[0], row["started"]), max(span[1], row["started"] + row["seconds"])]
+                        loads[row["actor"]] = float(row["load_s"])
+                        replica = replicas.setdefault(row["actor"], {"actor": row["actor"], "node": row["node"],
+                                                                     "gpu_ids": row["gpu_ids"], "units": 0})
+                        replica["units"] += 1
+                        describe = json.loads(row["describe"])
+                        progress.advance(1, int(row["tokens"]))
+                finally:  # stops the streaming execution, and its replicas, when we stop early
+                    getattr(results, "close", lambda: None)()
+            except ray.exceptions.RayError as err:
+                listed = ", ".join(f"{shard} ({roles})" for roles, shard in sorted(pending, key=lambda u: u[1])[:10])
+                raise TossError(f"Ray gave up scoring ({one_line(err)}; a dead replica, from running out of memory, "
+                                f"a crash or a lost node, is restarted {RETRIES} times: see the Ray worker logs); "
+                                f"{len(pending)} unit(s) left unscored, shards {listed}"
+                                f"{' ...' if len(pending) > 10 else ''}: re-run to resume") from None
+        load_s = max(loads.values(), default=0.0)  # replicas load in parallel: the slowest one's
+        # the wall time from the first unit's start to the last one's end: tokens / score_s is then the throughput
+        # of all replicas together (the local executor's sum of unit times, for one replica)
+        return {"scorer": describe, "score_s": max(span[1] - span[0], 1e-9), "tokens": tokens,
+                "load_models_s": round(load_s, 3), "replicas": list(replicas.values())}
