@@ -348,3 +348,25 @@ def test_one_engine_serves_both_adapters_as_lora_like_torch(runs, adapters):
     finally:
         scorer.close()
     assert not (runs["root"] / "unused").exists()  # nothing was merged
+
+
+def test_merged_adapters_are_merged_in_float32_then_cast(tmp_path, tiny_models, tokenizer):
+    """--merge-adapters in bfloat16 (vLLM on GPU): W + ΔW is formed in float32 and rounded once. Rounding W to
+    bfloat16 first and adding ΔW there would lose most of a small LoRA delta."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from toss_filter.score.models import resolve_spec
+
+    spec = resolve_spec("safety", str(tiny_models["safety"]), None)
+    merged_dir = vllm_backend.merged_model(spec, tokenizer, torch.bfloat16, tmp_path / "merged")
+    merged = load_file(str(next(merged_dir.glob("*.safetensors"))))
+    exact = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(spec.base, dtype=torch.float32),
+                                      spec.path).merge_and_unload().state_dict()
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert merged[name].dtype == torch.bfloat16
+    assert torch.equal(merged[name], exact[name].to(torch.bfloat16))
+    in_bf16 = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(spec.base, dtype=torch.bfloat16),
+                                        spec.path).merge_and_unload().state_dict()[name]
+    assert not torch.equal(in_bf16, exact[name].to(torch.bfloat16))  # the defect this guards against is real here

@@ -152,10 +152,13 @@ def lora_rank(specs: Sequence[ModelSpec]) -> int:
 
 def merged_model(spec: ModelSpec, tokenizer: Any, dtype: torch.dtype, cache: Path,
                  trust_remote_code: bool = False) -> Path:
-    """A full model directory with adapter `spec` merged into its base, in `dtype`. Made once under `cache`,
-    keyed by the fingerprints of adapter and base and the dtype, and reused by every later run."""
-    key = hashlib.sha256(json.dumps([model_fingerprint(spec.path), model_fingerprint(spec.base), str(dtype)])
-                         .encode()).hexdigest()[:16]
+    """A full model directory with adapter `spec` merged into its base, saved in `dtype`. Made once under `cache`,
+    keyed by the fingerprints of adapter and base and the dtype, and reused by every later run.
+
+    The merge itself is in float32 whatever `dtype` is: W + BA rounded in bfloat16 (8 mantissa bits) would lose most
+    of a LoRA delta, since each ΔW entry is tiny next to W's; the merged weights are cast to `dtype` once, after."""
+    key = hashlib.sha256(json.dumps([model_fingerprint(spec.path), model_fingerprint(spec.base), str(dtype),
+                                     "merged-in-float32"]).encode()).hexdigest()[:16]
     target = cache / key
     if target.exists():  # written by rename, so it is complete
         log.info("reusing the merged %s adapter %s", spec.role, target)
@@ -165,8 +168,9 @@ def merged_model(spec: ModelSpec, tokenizer: Any, dtype: torch.dtype, cache: Pat
 
     log.info("merging the %s adapter %s into %s (once, cached in %s)", spec.role, spec.path, spec.base, target)
     try:
-        base = AutoModelForCausalLM.from_pretrained(spec.base, dtype=dtype, trust_remote_code=trust_remote_code)
-        merged = PeftModel.from_pretrained(base, spec.path).merge_and_unload()
+        base = AutoModelForCausalLM.from_pretrained(spec.base, dtype=torch.float32,
+                                                    trust_remote_code=trust_remote_code)
+        merged = PeftModel.from_pretrained(base, spec.path).merge_and_unload().to(dtype)
     except (OSError, RuntimeError, ValueError, KeyError) as err:
         first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
         raise ConfigError(f"--{spec.role}-model {spec.path} cannot be merged into {spec.base}: {first[:300]}") from err
