@@ -134,10 +134,10 @@ def test_cutoff_histogram_and_ranking_helpers():
     unsafe = np.array([False, False, False, False, True, False])
     scale = ScoreScale.of(scores)
     assert scale.unit == 1.0  # the median |S|
-    histogram = score_histogram(scores, unsafe, 5.0, scale, bins=4)
+    histogram = score_histogram(lambda: [(scores[:3], unsafe[:3]), (scores[3:], unsafe[3:])], 5.0, scale, bins=4)
     assert histogram["edges"][0] == scale(-1.0) and histogram["edges"][-1] == scale(5.0)  # widened to the threshold
     assert histogram["total"].sum() == 4 and histogram["masked"].sum() == 1
-    assert score_histogram(np.full(3, np.nan, np.float32), np.zeros(3, bool), None, scale) is None
+    assert score_histogram(lambda: [(np.full(3, np.nan, np.float32), np.zeros(3, bool))], None, scale) is None
     # shares 0.5, 0.5, 0, 1, and a row with no response: ties go to more masked tokens, then input order
     assert most_masked(np.array([1, 2, 0, 1, 0]), np.array([2, 4, 3, 1, 0]), 3) == [3, 1, 0]
 

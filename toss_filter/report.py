@@ -7,15 +7,17 @@ Reads the run directory (layout in `toss_filter.run`), after `select`:
   `score_cutoff`, `selection`, `models`, `timings`; optionally `rounds` (TOSS-Pro), a list of
   `{"round": n, <metric>: number or None, ...}` (e.g. `masked_share`, `overlap_with_previous`,
   `mean_score_flagged`, `mean_score_unflagged`), drawn as one small chart per metric;
-- `token_scores/`: `row`, `score` (NaN outside responses and where unscored), `unsafe`;
-- `tokens.arrow`: `row`, `input_ids`, `labels` (-100 outside responses), `truncated`;
+- `token_scores/`: `row`, `score` (NaN outside responses and where unscored), `unsafe`, one Arrow file per shard;
+- the token shards (`tokens/<key>/`): `row`, `input_ids`, `labels` (-100 outside responses), `truncated`;
 - the tokenizer of the safety model (its base for an adapter), from local files only, to decode the shown rows.
   If it does not load, the rows show token ids.
 
 Writes one HTML file that fetches nothing: inline CSS and SVG drawn here, no executable script, the stats as
 JSON in `<script type="application/json" id="stats-json">`, and a Content-Security-Policy of `default-src 'none'`
 so that a browser refuses any fetch. Its size does not grow with the run: the histogram is embedded as bins, and
-only the shown rows' tokens are embedded (at most MAX_ROW_TOKENS each).
+only the shown rows' tokens are embedded (at most MAX_ROW_TOKENS each). Nor does its memory: it reads the run
+shard by shard, twice (the scale, the ranking and the row count; then the histogram and the shown rows), and keeps
+at most SCALE_SAMPLE scores for the scale (every m-th finite score, exact up to that many).
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from __future__ import annotations
 import html
 import json
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
+import pyarrow as pa
 from transformers import AutoTokenizer
 
 from toss_filter.data.tokenize import IGNORE_INDEX
@@ -38,6 +41,7 @@ from toss_filter.run import RunDir, list_column
 
 BINS = 40
 MAX_ROW_TOKENS = 2000
+SCALE_SAMPLE = 1_000_000
 KEPT_COLOUR, MASKED_COLOUR, HIGH_RGB, LOW_RGB = "#60a5fa", "#dc2626", "220,38,38", "37,99,235"
 
 CSS = """
@@ -73,38 +77,40 @@ def write_report(run_dir: str | Path, output: str | Path, *, rows_shown: int = 2
     if not (run.path / "stats.json").exists():
         raise ConfigError(f"{run.path} holds no stats.json: run `toss-filter select` (or `filter`) into it first")
     stats = run.read_json("stats.json")
-    tokens = run.read_tokens()
-    sidecar = datasets.load_from_disk(str(run.path / "token_scores")).data.table
-    ids, offsets = list_column(tokens, "input_ids")
-    labels, _ = list_column(tokens, "labels")
-    scores, score_offsets = list_column(sidecar, "score")
-    unsafe, _ = list_column(sidecar, "unsafe")
-    if not np.array_equal(offsets, score_offsets):
-        raise ConfigError(f"{run.path}: token_scores/ does not match tokens.arrow; re-run `toss-filter select`")
-    unsafe = unsafe.astype(bool)
-
-    masked_per_row, response_per_row = per_row(unsafe, offsets), per_row(labels != IGNORE_INDEX, offsets)
+    shards = ReportShards(run)
     cut, cut_label = cutoff(stats)
     # One scale for the histogram and every row, so that a colour means the same score everywhere on the page.
-    scale = ScoreScale.of(scores)
-    histogram = score_histogram(scores, unsafe, cut, scale)
+    stride = max(1, -(-int(stats.get("scored_tokens") or 0) // SCALE_SAMPLE))
+    sampled, candidates, rows = [], [], 0
+    for shard in shards:
+        finite = shard.scores[np.isfinite(shard.scores)]
+        sampled.append(finite[::stride])
+        masked, response = per_row(shard.unsafe, shard.offsets), per_row(shard.labels != IGNORE_INDEX, shard.offsets)
+        top = most_masked(masked, response, rows_shown)
+        candidates.append((masked[top], response[top], rows + np.asarray(top, dtype=np.int64)))
+        rows += len(shard.row_ids)
+    scale = ScoreScale.of(np.concatenate(sampled) if sampled else np.zeros(0, np.float32))
+    del sampled
+    masked, response, index = (np.concatenate(part) for part in zip(*candidates)) if candidates else ([],) * 3
+    top = [int(index[i]) for i in most_masked(np.asarray(masked), np.asarray(response), rows_shown)]
+    sample = [int(i) for i in np.sort(np.random.default_rng(seed).choice(rows, min(rows_shown, rows), replace=False))]
+    histogram = score_histogram(lambda: ((s.scores, s.unsafe) for s in shards), cut, scale)
     tokenizer, tokenizer_note = load_tokenizer(stats.get("models") or run.read_json("run.json").get("models", {}))
-    row_ids = tokens.column("row").to_numpy()
-    truncated = tokens.column("truncated").to_numpy(zero_copy_only=False)
+    wanted = [("top", i) for i in top] + [("sample", i) for i in sample]
+    shown: dict[tuple[str, int], str] = {}
+    for shard, first in shards.with_first_rows():
+        for kind, i in [(kind, i) for kind, i in wanted if first <= i < first + len(shard.row_ids)]:
+            j = i - first
+            span = slice(shard.offsets[j], shard.offsets[j + 1])
+            shown[kind, i] = render_row(f"{kind}-{shard.row_ids[j]}", int(shard.row_ids[j]), shard.ids[span],
+                                        shard.labels[span], shard.scores[span], shard.unsafe[span], tokenizer,
+                                        scale, bool(shard.truncated[j]))
 
     def rows_html(kind: str, chosen: list[int]) -> str:
         if not chosen:
             return '<p class="note">No rows to show.</p>'
-        blocks = []
-        for i in chosen:
-            span = slice(offsets[i], offsets[i + 1])
-            blocks.append(render_row(
-                f"{kind}-{row_ids[i]}", int(row_ids[i]), ids[span], labels[span], scores[span], unsafe[span],
-                tokenizer, scale, bool(truncated[i]),
-            ))
-        return "\n".join(blocks)
+        return "\n".join(shown[kind, i] for i in chosen)
 
-    sample = np.sort(np.random.default_rng(seed).choice(len(row_ids), min(rows_shown, len(row_ids)), replace=False))
     body = [
         f"<h1>toss-filter report</h1><p class=\"sub\">{esc(str(run.path))}</p>",
         f'<section id="summary"><h2>Summary</h2><div class="cards">{summary_html(stats)}</div></section>',
@@ -120,9 +126,9 @@ def write_report(run_dir: str | Path, output: str | Path, *, rows_shown: int = 2
         f'<section id="rows"><h2>Rows</h2><p class="legend">{legend_html(scale)}</p>{tokenizer_note}'
         f'<div id="most-masked"><h3>Most-masked rows</h3><p class="note">Up to {rows_shown} rows with the highest '
         f"masked share of response tokens.</p>"
-        f"{rows_html('top', most_masked(masked_per_row, response_per_row, rows_shown))}</div>"
+        f"{rows_html('top', top)}</div>"
         f'<div id="sample"><h3>Random sample</h3><p class="note">{len(sample)} rows drawn at random '
-        f"(seed {seed}), in input order.</p>{rows_html('sample', [int(i) for i in sample])}</div></section>",
+        f"(seed {seed}), in input order.</p>{rows_html('sample', sample)}</div></section>",
         f'<section id="rounds"><h2>Rounds</h2>{rounds_html(stats.get("rounds"))}</section>',
     ]
     stats_json = json.dumps(stats, indent=1, default=str).replace("<", "\\u003c")  # cannot close the tag early
@@ -191,21 +197,73 @@ class ScoreScale:
         return f"rgba({HIGH_RGB if score > 0 else LOW_RGB},{strength:.2f})"
 
 
-def score_histogram(scores: np.ndarray, unsafe: np.ndarray, cut: float | None, scale: ScoreScale,
-                    bins: int = BINS) -> dict[str, np.ndarray] | None:
-    """`{"edges" (on `scale`), "total", "masked"}` over the finite scores, or None when nothing was scored. The
-    range covers every score and `cut`."""
-    finite = np.isfinite(scores)
-    values, flags = scale(scores[finite]), unsafe[finite]
-    if not len(values):
+def score_histogram(chunks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]], cut: float | None,
+                    scale: ScoreScale, bins: int = BINS) -> dict[str, np.ndarray] | None:
+    """`{"edges" (on `scale`), "total", "masked"}` over the finite scores of every `(scores, unsafe)` chunk that
+    `chunks()` yields (it is called twice: the range, then the counts), or None when nothing was scored. The range
+    covers every score and `cut`."""
+    lo, hi = np.inf, -np.inf
+    for scores, _ in chunks():
+        finite = scores[np.isfinite(scores)]
+        if len(finite):
+            lo, hi = min(lo, float(scale(finite.min()))), max(hi, float(scale(finite.max())))
+    if lo > hi:
         return None
-    lo, hi = float(values.min()), float(values.max())
     if cut is not None:
         lo, hi = min(lo, float(scale(cut))), max(hi, float(scale(cut)))
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
     edges = np.linspace(lo, hi, bins + 1)
-    return {"edges": edges, "total": np.histogram(values, edges)[0], "masked": np.histogram(values[flags], edges)[0]}
+    total, masked = np.zeros(bins, np.int64), np.zeros(bins, np.int64)
+    for scores, unsafe in chunks():
+        finite = np.isfinite(scores)
+        values = scale(scores[finite])
+        total += np.histogram(values, edges)[0]
+        masked += np.histogram(values[unsafe[finite]], edges)[0]
+    return {"edges": edges, "total": total, "masked": masked}
+
+
+@dataclass
+class ReportShard:
+    row_ids: np.ndarray
+    ids: np.ndarray
+    labels: np.ndarray
+    offsets: np.ndarray
+    truncated: np.ndarray
+    scores: np.ndarray
+    unsafe: np.ndarray
+
+
+class ReportShards:
+    """The run's token shards beside the sidecar's files, one shard at a time (they hold the same rows)."""
+
+    def __init__(self, run: RunDir):
+        self.run, self.state = run, run.read_json("run.json")
+        sidecar = run.path / "token_scores"
+        files = json.loads((sidecar / "state.json").read_text())["_data_files"] if sidecar.exists() else []
+        self.files = [sidecar / f["filename"] for f in files]
+        if len(self.files) != self.state["shards"]:
+            raise ConfigError(f"{run.path}: token_scores/ does not match the token shards; re-run `toss-filter select`")
+
+    def __iter__(self) -> Iterator[ReportShard]:
+        for shard, path in enumerate(self.files):
+            tokens = self.run.read_token_shard(self.state["tokens_key"], shard)
+            sidecar = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+            ids, offsets = list_column(tokens, "input_ids")
+            labels, _ = list_column(tokens, "labels")
+            scores, score_offsets = list_column(sidecar, "score")
+            unsafe, _ = list_column(sidecar, "unsafe")
+            if not np.array_equal(offsets, score_offsets):
+                raise ConfigError(f"{self.run.path}: token_scores/ does not match the token shards; re-run "
+                                  "`toss-filter select`")
+            yield ReportShard(tokens.column("row").to_numpy(), ids, labels, offsets,
+                              tokens.column("truncated").to_numpy(zero_copy_only=False), scores, unsafe.astype(bool))
+
+    def with_first_rows(self) -> Iterator[tuple[ReportShard, int]]:
+        first = 0
+        for shard in self:
+            yield shard, first
+            first += len(shard.row_ids)
 
 
 def load_tokenizer(models: dict[str, Any]) -> tuple[Any, str]:
