@@ -159,3 +159,105 @@ def test_config_file_accepts_a_single_value_for_a_repeatable_option(tmp_path, da
     invoke("filter", data, "--config", config, "--output", tmp_path / "a", "--quiet", "--no-report")
     resolved = json.loads((tmp_path / "a-run" / "config.json").read_text())
     assert resolved["score"]["columns"] == {"messages": "messages"}
+
+
+@pytest.fixture
+def root_level():
+    """The root logger's level, restored after the test (`-v` lowers it for the whole process)."""
+    import logging
+
+    root = logging.getLogger()
+    saved = root.level
+    root.setLevel(logging.WARNING)
+    yield root
+    root.setLevel(saved)
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_verbose_works_before_and_after_the_command(tmp_path, data, tiny_models, root_level, order):
+    """`toss-filter -v filter ...` and `toss-filter filter ... -v`: the same effect (the root logger at INFO, which
+    the executors and backends read); SIGTERM's handler is the caller's again afterwards."""
+    import logging
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    command = [*filter_args(data, tiny_models, tmp_path / "out"), "--quiet", "--no-report"]
+    invoke(*(["-v", *command] if order == "before" else [*command, "-v"]))
+    assert root_level.level == logging.INFO
+    assert (tmp_path / "out").exists()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_every_command_takes_verbose_and_quiet_after_it(tmp_path, root_level):
+    import logging
+
+    import typer
+
+    for name, command in typer.main.get_command(app).commands.items():
+        options = {opt for param in command.params for opt in param.opts}
+        assert {"-v", "--verbose", "-q", "--quiet"} <= options, name
+    for flag in ("-v", "--verbose"):  # parsed (and applied) even when the command then fails
+        root_level.setLevel(logging.WARNING)
+        result = CliRunner().invoke(app, ["report", str(tmp_path / "missing"), flag])
+        assert result.exit_code == 2 and root_level.level == logging.INFO, result.stderr
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "missing"), "-q"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+
+
+LOG_LINE = (r"toss-filter: (tokenize|score): [\d,]+/[\d,]+ (rows|shard-roles)(, [\d,.]+ (tok|rows|shard-roles)/s)?"
+            r"(, (eta|done in) \d+:\d\d:\d\d)?")
+
+
+def test_log_lines_when_stderr_is_not_a_terminal(tmp_path, data, tiny_models, monkeypatch):
+    """Under a scheduler (stderr a file): plain lines every --log-every seconds; none in a run shorter than the
+    default interval, none with --quiet or --log-every 0."""
+    import re
+
+    from toss_filter.steps import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY", progress.LOG_EVERY)  # restored: the CLI sets it for the process
+    result = CliRunner().invoke(app, [str(a) for a in filter_args(data, tiny_models, tmp_path / "a")]
+                                + ["--no-report", "--log-every", "1e-9"])
+    assert result.exit_code == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines and all(re.fullmatch(LOG_LINE, line) for line in lines), lines
+    score = [line for line in lines if line.startswith("toss-filter: score: ")]
+    assert any(" tok/s, eta " in line for line in score), score
+    assert re.match(r"toss-filter: score: (\d+)/\1 shard-roles, .*, done in ", score[-1]), score
+    assert any(line.startswith("toss-filter: tokenize: ") for line in lines), lines
+    result = CliRunner().invoke(app, [str(a) for a in filter_args(data, tiny_models, tmp_path / "b")]
+                                + ["--no-report"])
+    assert result.exit_code == 0 and result.stderr == "", result.stderr  # default 30 s: a short run prints none
+    result = CliRunner().invoke(app, [str(a) for a in filter_args(data, tiny_models, tmp_path / "c")]
+                                + ["--log-every", "-1"])
+    assert result.exit_code == 2 and "--log-every" in result.stderr
+
+
+def test_progress_line_format_rate_eta_and_what_silences_it(monkeypatch, capsys):
+    from toss_filter.steps import progress
+
+    now = [100.0]
+    monkeypatch.setattr(progress, "_clock", lambda: now[0])
+    monkeypatch.setattr(progress, "LOG_EVERY", 30.0)
+    with progress.Progress("score", 40, "shard-roles") as bar:
+        now[0] = 120.0
+        bar.advance(3, tokens=20_000)  # 20 s: within the interval, no line
+        assert capsys.readouterr().err == ""
+        now[0] = 160.0
+        bar.advance(9, tokens=184_720)  # 60 s, 12/40 done
+        assert capsys.readouterr().err == "toss-filter: score: 12/40 shard-roles, 3,412 tok/s, eta 0:02:20\n"
+        now[0] = 170.0
+        bar.advance(28)  # 10 s after the last line: none
+        assert capsys.readouterr().err == ""
+        now[0] = 175.0
+    assert capsys.readouterr().err == "toss-filter: score: 40/40 shard-roles, 2,730 tok/s, done in 0:01:15\n"
+    with progress.Progress("tokenize", None, "rows") as bar:  # no total: no eta; no tokens: rows/s
+        now[0] = 220.0
+        bar.advance(1_500)
+    assert capsys.readouterr().err.splitlines()[0] == "toss-filter: tokenize: 1,500 rows, 33.3 rows/s"
+    for enabled, every in ((False, 30.0), (True, 0.0)):  # show_progress=False (--quiet), or --log-every 0
+        monkeypatch.setattr(progress, "LOG_EVERY", every)
+        with progress.Progress("score", 4, "shard-roles", enabled) as bar:
+            now[0] += 1_000
+            bar.advance(4, tokens=10)
+    assert capsys.readouterr().err == ""

@@ -3,6 +3,7 @@ row and the problem, exit code 2, no traceback, and no output directory that loo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from toss_filter.cli import app
+from toss_filter.errors import ConfigError
 from conftest import chat, write_jsonl
 
 ERROR_PREFIX = "toss-filter: error: "
@@ -221,3 +223,104 @@ def test_console_script_exit_code_and_stderr(tmp_path, tiny_models):
     assert completed.stdout == ""
     assert completed.stderr == (f"{ERROR_PREFIX}{data}: row 1: field 'messages[1].content': empty assistant turn\n")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out-rejected").exists()
+
+
+# ------------------------------------------------------------------------------------- pickle weights, sandboxes
+
+
+def pickled(source: Path, target: Path, weights: str, pickle_name: str) -> Path:
+    """A copy of the model or adapter directory `source` whose weights file `weights` (safetensors) is replaced by
+    the same tensors in the pickle file `pickle_name` (torch.save)."""
+    import torch
+    from safetensors.torch import load_file
+
+    shutil.copytree(source, target)
+    torch.save(load_file(target / weights), target / pickle_name)
+    (target / weights).unlink()
+    return target
+
+
+@pytest.fixture(scope="module")
+def pickle_models(tmp_path_factory, tiny_models) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pickled")
+    return {"base": pickled(tiny_models["base"], root / "base", "model.safetensors", "pytorch_model.bin"),
+            "safety": pickled(tiny_models["safety"], root / "safety", "adapter_model.safetensors",
+                              "adapter_model.bin")}
+
+
+def test_a_pickle_only_model_is_refused(tmp_path, tiny_models, pickle_models):
+    data = write_jsonl(tmp_path / "data.jsonl", GOOD_ROWS)
+    line = assert_clean_failure(
+        tmp_path, *run_filter(tmp_path, data, safety=str(tiny_models["base"]), utility=str(pickle_models["base"])))
+    assert line == (f"{ERROR_PREFIX}--utility-model {pickle_models['base']}: {pickle_models['base']}/pytorch_model.bin "
+                    f"is a pickle weights file and {pickle_models['base']} has no .safetensors: loading pickle can "
+                    "run arbitrary code; convert it to safetensors, or pass --allow-pickle-weights if you trust its "
+                    "source")
+    assert not (tmp_path / "out-run").exists()  # refused before anything loads or is written
+
+
+def test_a_pickle_only_adapter_and_a_pickle_only_base_are_refused(tmp_path, tiny_models, pickle_models):
+    data = write_jsonl(tmp_path / "data.jsonl", GOOD_ROWS)
+    assert_clean_failure(tmp_path, *run_filter(tmp_path, data, safety=str(pickle_models["safety"]),
+                                               utility=str(tiny_models["utility"])),
+                         f"--safety-model {pickle_models['safety']} (a LoRA adapter)", "adapter_model.bin",
+                         "loading pickle can run arbitrary code", "--allow-pickle-weights")
+    assert_clean_failure(tmp_path, *run_filter(tmp_path, data, "--base-model", str(pickle_models["base"]),
+                                               models=tiny_models),
+                         f"its base model {pickle_models['base']}", "pytorch_model.bin", "--allow-pickle-weights")
+
+
+def test_pickle_weights_load_only_when_the_user_opts_in(pickle_models):
+    import torch
+
+    from toss_filter.score.models import ReferenceModels, resolve_spec
+
+    spec = resolve_spec("safety", str(pickle_models["base"]), None, allow_pickle=True)
+    models = ReferenceModels(spec, spec, torch.float32, "cpu")
+    models.load()
+    assert models.model_for("safety").model.embed_tokens.weight.shape[0] > 0
+    # Without the opt-in the loader itself reads safetensors only (a Hub model is not checked before it loads).
+    unchecked = dataclasses.replace(spec, allow_pickle=False)
+    with pytest.raises(ConfigError, match="cannot load the safety model"):
+        ReferenceModels(unchecked, unchecked, torch.float32, "cpu").load()
+
+
+def test_allow_pickle_weights_is_an_option_of_filter_and_score(tmp_path, pickle_models):
+    data = write_jsonl(tmp_path / "data.jsonl", GOOD_ROWS)
+    code, stdout, stderr = run_filter(tmp_path, data, "--allow-pickle-weights", "--no-report", "--quiet",
+                                      safety=str(pickle_models["base"]), utility=str(pickle_models["base"]))
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "out-run" / "config.json").read_text())["score"]["allow_pickle_weights"] is True
+    result = CliRunner().invoke(app, ["score", "--help"])
+    assert "--allow-pickle-weights" in result.stdout
+
+
+def test_a_python_tag_in_the_config_file_is_refused_and_never_run(tmp_path):
+    """`--config` is read with yaml.safe_load: a !!python tag is an error, not a constructor call."""
+    witness = tmp_path / "ran"
+    config = tmp_path / "evil.yaml"
+    config.write_text(f'ratio: !!python/object/apply:os.system ["touch {witness}"]\n')
+    result = CliRunner().invoke(app, ["select", "--run-dir", str(tmp_path / "run"), "--output",
+                                      str(tmp_path / "out"), "--config", str(config)])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == (f"{ERROR_PREFIX}--config {config}: cannot read it: could not determine a constructor "
+                             "for the tag 'tag:yaml.org,2002:python/object/apply:os.system' (line 1, column 8)\n")
+    assert not witness.exists()
+
+
+@pytest.mark.parametrize("payload", [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ cycler.__init__.__globals__.os.popen('touch WITNESS').read() }}",
+])
+def test_a_chat_template_cannot_leave_its_sandbox(tmp_path, tiny_models, payload):
+    """A `--template FILE.jinja` renders in transformers' ImmutableSandboxedEnvironment, like the model's own: an
+    escape attempt fails on one line (exit 2) and runs nothing."""
+    witness = tmp_path / "ran"
+    template = tmp_path / "evil.jinja"
+    template.write_text("{% for message in messages %}{{ message['content'] }}{% endfor %}"
+                        + payload.replace("WITNESS", str(witness)))
+    data = write_jsonl(tmp_path / "data.jsonl", GOOD_ROWS)
+    line = assert_clean_failure(tmp_path, *run_filter(tmp_path, data, "--template", str(template),
+                                                      models=tiny_models), "is unsafe")
+    assert "access to attribute '__" in line
+    assert not witness.exists()

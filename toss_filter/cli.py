@@ -1,7 +1,8 @@
 """`toss-filter`: a thin typer shell over `toss_filter.api`. Options become a config dataclass; no logic here.
 
 Exit codes: 0 success; 1 an unexpected error (a traceback: please report it); 2 a problem with the input, an option,
-a model, the Hub, or a failed --verify (one line on stderr); 130 interrupted (completed score shards are kept).
+a model, the Hub, or a failed --verify (one line on stderr); 130 interrupted by Ctrl-C (SIGINT) or SIGTERM (one line
+on stderr; completed shards are kept, so the same command resumes).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -41,6 +43,8 @@ Split = Annotated[Optional[str], typer.Option("--split", help="Split of a datase
 Column = Annotated[Optional[list[str]], typer.Option("--column", help="Rename an input column: canonical=actual, e.g. --column prompt=question. Canonical names: messages, prompt, completion, instruction, input, output, system_prompt, question, response.")]
 Template = Annotated[str, typer.Option("--template", help="chat (the model's chat template), paper (Human:/Assistant: as in the TOSS experiments), or a Jinja file.")]
 MaxLength = Annotated[Optional[int], typer.Option("--max-length", help="Truncate rows to N tokens; stats.json counts the truncated rows.")]
+SkipInvalid = Annotated[bool, typer.Option("--skip-invalid", help="A row that cannot be read or tokenized goes to OUTPUT-rejected (reason \"invalid: ...\") instead of stopping the run (even with --keep-empty: it has no tokens); stats.json counts rows_invalid.")]
+MaxInvalid = Annotated[Optional[int], typer.Option("--max-invalid", help="With --skip-invalid: stop anyway (exit 2, naming the row) once more than N rows are invalid.")]
 Backend = Annotated[str, typer.Option("--backend", help="Scoring backend: torch (transformers) or vllm (needs vLLM installed; see docs/vllm.md).")]
 MergeAdapters = Annotated[bool, typer.Option("--merge-adapters", help="vllm: merge LoRA adapters into full weights (cached in the run directory) instead of serving them as LoRA. Needed for adapters that touch lm_head/embed_tokens; always done on CPU.")]
 Verify = Annotated[int, typer.Option("--verify", help="vllm: re-score N random rows with the torch backend; report max/mean |ΔNLL| and fail above the dtype's tolerance.")]
@@ -62,12 +66,13 @@ CpusPerReplica = Annotated[int, typer.Option("--cpus-per-replica", help="ray: CP
 Threads = Annotated[Optional[int], typer.Option("--threads", help="local: torch threads of the scorer (default: torch's choice).")]
 Deterministic = Annotated[bool, typer.Option("--deterministic", help="GPU: batch-invariant scores (vLLM's batch-invariant mode, deterministic torch kernels); docs/scale.md.")]
 RemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model repositories to run their own code.")]
+AllowPickle = Annotated[bool, typer.Option("--allow-pickle-weights", help="Load a model, adapter or base directory that has only pickle weights (pytorch_model.bin, *.pt, adapter_model.bin; no .safetensors). Off: refused, since unpickling can run code; weights load from safetensors only.")]
 Output = Annotated[Path, typer.Option("--output", "-o", help="Where the trainer-ready data goes: a save_to_disk directory (input_ids, attention_mask, labels), or one file with --format parquet|jsonl|torchtune.")]
 Ratio = Annotated[float, typer.Option("--ratio", help="Share of all scored response tokens to mask, in [0, 1].")]
 Scope = Annotated[str, typer.Option("--scope", help="global (top share over the whole dataset, as in the paper) or per-sample.")]
 Threshold = Annotated[Optional[float], typer.Option("--threshold", help="Mask every token with score above this value instead of a share.")]
 KeepEmpty = Annotated[bool, typer.Option("--keep-empty", help="Keep rows left with no trainable token, so output row i is input row i.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary; errors only.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, log lines or summary; errors only.")]
 Strategy = Annotated[str, typer.Option("--strategy", help="toss (by token score, the paper), or a baseline at the same token budget: sample (whole rows by mean score), first-k (earliest response tokens), random.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of --strategy random.")]
 NoReport = Annotated[bool, typer.Option("--no-report", help="Do not write RUN_DIR/report.html.")]
@@ -75,6 +80,30 @@ Format = Annotated[str, typer.Option("--format", help="arrow (save_to_disk direc
 AssistantMasks = Annotated[bool, typer.Option("--emit-assistant-masks", help="Add an assistant_masks column, for TRL <= 1.6 with packing (which drops labels). Off: axolotl wants exactly three columns.")]
 RepoId = Annotated[Optional[str], typer.Option("--push-to-hub", help="After writing, push OUTPUT (arrow) to this Hub dataset, ORG/NAME, with a dataset card; token from HF_TOKEN or `hf auth login`.")]
 HubPrivate = Annotated[bool, typer.Option("--hub-private", help="With --push-to-hub: create the repo private (only applies when it is created).")]
+
+
+def _verbose(value: bool) -> bool:
+    """`-v` after the command (`toss-filter filter ... -v`): the same as before it (`toss-filter -v filter ...`)."""
+    if value:
+        _configure_logging(True)
+    return value
+
+
+def _log_every(value: float) -> float:
+    """`--log-every`: set the interval of the plain progress lines (a module-level setting of
+    `toss_filter.steps.progress`: the bars are built deep in the steps and executors, which take only
+    show_progress). Called on every invocation, with the default too, so one in-process run never leaks its value
+    into the next."""
+    if value < 0:
+        raise typer.BadParameter("expected seconds >= 0 (0: no log lines)")
+    from toss_filter.steps import progress
+
+    progress.LOG_EVERY = value
+    return value
+
+
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", callback=_verbose, help="Log details (as `toss-filter -v COMMAND`).")]
+LogEvery = Annotated[float, typer.Option("--log-every", callback=_log_every, metavar="SECONDS", help="When stderr is not a terminal (a log file, a scheduler): one plain progress line per step every SECONDS (done/total, tok/s, eta); 0: none. A run shorter than SECONDS prints none.")]
 
 
 def _load_config_file(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
@@ -86,8 +115,12 @@ def _load_config_file(ctx: typer.Context, param: typer.CallbackParam, value: Opt
 
     try:
         loaded = yaml.safe_load(value.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise typer.BadParameter(f"cannot read {value}: {err}") from None
+    except (OSError, yaml.YAMLError) as err:  # safe_load: a !!python/... tag is refused, never constructed
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        typer.echo(f"toss-filter: error: --config {value}: cannot read it: {problem}{where}", err=True)
+        raise typer.Exit(2) from None
     if not isinstance(loaded, dict):
         raise typer.BadParameter(f"{value}: expected a mapping of option names to values")
     params = {p.name: p for p in ctx.command.params if p.name not in ("config",)}
@@ -134,22 +167,43 @@ def _vllm_args(pairs: list[str] | None) -> dict[str, Any]:
     return args
 
 
-def _run(action: Any) -> Any:
-    # toss-filter draws its own progress bars; the libraries' per-step bars would only interleave with them. Only
-    # the command does this: importing the library leaves the user's own bars alone.
-    import datasets
-    import transformers
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM (a scheduler's stop, `kill`) as Ctrl-C: a KeyboardInterrupt in the main thread, so `finally` blocks
+    remove temporary files and release what they hold, and `_run` exits 130 with its one line. A second SIGTERM
+    ends the process at once (the default action)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise KeyboardInterrupt
 
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
+
+def _on_sigterm(handler: Any) -> Any:
+    """Install `handler` for SIGTERM; return the previous one (None where signals cannot be set: not the main
+    thread)."""
     try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread of the main interpreter
+        return None
+
+
+def _run(action: Any) -> Any:
+    previous = _on_sigterm(_interrupt)
+    try:
+        # toss-filter draws its own progress bars; the libraries' per-step bars would only interleave with them.
+        # Only the command does this: importing the library leaves the user's own bars alone.
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
         return action()
     except TossError as err:
         typer.echo(f"toss-filter: error: {err}", err=True)
         raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt:
-        typer.echo("toss-filter: interrupted; completed score shards are kept, re-run to resume", err=True)
+        typer.echo("toss-filter: interrupted; completed shards are kept, re-run to resume", err=True)
         raise typer.Exit(130) from None
+    finally:
+        if previous is not None:
+            _on_sigterm(previous)
 
 
 def _summary(stats: dict[str, Any], run_dir: Path, report: Path | None = None) -> None:
@@ -190,9 +244,11 @@ def filter_command(
     input: Input, safety_model: SafetyModel, utility_model: UtilityModel, output: Output,
     base_model: BaseModel = None, ratio: Ratio = 0.2, backend: Backend = "torch", keep_empty: KeepEmpty = False,
     run_dir: RunDirOpt = None, template: Template = "chat", max_length: MaxLength = None, scope: Scope = "global",
+    skip_invalid: SkipInvalid = False, max_invalid: MaxInvalid = None,
     threshold: Threshold = None, split: Split = None, column: Column = None, dtype: Dtype = "auto",
     device: Device = "auto", max_batch_tokens: BatchTokens = None, shard_rows: ShardRows = 1000,
-    trust_remote_code: RemoteCode = False, merge_adapters: MergeAdapters = False, verify: Verify = 0,
+    trust_remote_code: RemoteCode = False, allow_pickle_weights: AllowPickle = False,
+    merge_adapters: MergeAdapters = False, verify: Verify = 0,
     gpu_memory_utilization: GpuMemory = None, tensor_parallel_size: TensorParallel = 1, vllm_arg: VllmArg = None,
     name: DatasetName = None, num_proc: NumProc = 1, executor: ExecutorOpt = "local", ray_address: RayAddress = None,
     replicas: Replicas = 1, gpus_per_replica: GpusPerReplica = 0.0, cpus_per_replica: CpusPerReplica = 1,
@@ -204,7 +260,8 @@ def filter_command(
     refine_learning_rate: Annotated[float, typer.Option("--refine-learning-rate", help="TOSS-Pro: constant learning rate of each refinement.")] = 1e-4,
     refine_batch_size: Annotated[int, typer.Option("--refine-batch-size", help="TOSS-Pro: rows per optimiser step.")] = 16,
     refine_micro_batch_size: Annotated[int, typer.Option("--refine-micro-batch-size", help="TOSS-Pro: rows per forward pass.")] = 4,
-    no_report: NoReport = False, quiet: Quiet = False, config: ConfigFile = None,
+    no_report: NoReport = False, quiet: Quiet = False, log_every: LogEvery = 30.0, verbose: Verbose = False,
+    config: ConfigFile = None,
 ) -> None:
     """Score and mask in one go: INPUT → OUTPUT (a save_to_disk dataset any trainer can load), plus
     RUN_DIR/report.html."""
@@ -240,14 +297,16 @@ def score_command(
     input: Input, safety_model: SafetyModel, utility_model: UtilityModel,
     run_dir: Annotated[Path, typer.Option("--run-dir", help="Where tokens and score shards go; re-running resumes.")],
     base_model: BaseModel = None, backend: Backend = "torch", template: Template = "chat",
-    max_length: MaxLength = None, split: Split = None, column: Column = None, dtype: Dtype = "auto",
+    max_length: MaxLength = None, skip_invalid: SkipInvalid = False, max_invalid: MaxInvalid = None,
+    split: Split = None, column: Column = None, dtype: Dtype = "auto",
     device: Device = "auto", max_batch_tokens: BatchTokens = None, shard_rows: ShardRows = 1000,
-    trust_remote_code: RemoteCode = False, merge_adapters: MergeAdapters = False, verify: Verify = 0,
+    trust_remote_code: RemoteCode = False, allow_pickle_weights: AllowPickle = False,
+    merge_adapters: MergeAdapters = False, verify: Verify = 0,
     gpu_memory_utilization: GpuMemory = None, tensor_parallel_size: TensorParallel = 1, vllm_arg: VllmArg = None,
     name: DatasetName = None, num_proc: NumProc = 1, shard_slice: ShardSlice = None, executor: ExecutorOpt = "local",
     ray_address: RayAddress = None, replicas: Replicas = 1, gpus_per_replica: GpusPerReplica = 0.0,
     cpus_per_replica: CpusPerReplica = 1, threads: Threads = None, deterministic: Deterministic = False,
-    quiet: Quiet = False, config: ConfigFile = None,
+    quiet: Quiet = False, log_every: LogEvery = 30.0, verbose: Verbose = False, config: ConfigFile = None,
 ) -> None:
     """Step 1 of 2: tokenize INPUT and score every response token under both references into RUN_DIR."""
     from toss_filter.api import score_dataset
@@ -266,7 +325,7 @@ def select_command(
     output: Output, ratio: Ratio = 0.2, scope: Scope = "global", threshold: Threshold = None,
     keep_empty: KeepEmpty = False, strategy: Strategy = "toss", seed: Seed = 0, format: Format = "arrow",
     emit_assistant_masks: AssistantMasks = False, executor: ExecutorOpt = "local", ray_address: RayAddress = None,
-    no_report: NoReport = False, quiet: Quiet = False, config: ConfigFile = None,
+    no_report: NoReport = False, quiet: Quiet = False, verbose: Verbose = False, config: ConfigFile = None,
 ) -> None:
     """Step 2 of 2: mask the top-scoring tokens from RUN_DIR's scores and write OUTPUT; re-run freely with
     another --ratio, nothing is re-scored."""
@@ -297,7 +356,8 @@ def train_ref_command(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch (rows per optimiser step), reached by accumulation.")] = 64,
     micro_batch_size: Annotated[int, typer.Option("--micro-batch-size", help="Rows per forward pass.")] = 4,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the LoRA init and data order.")] = 42,
-    trust_remote_code: RemoteCode = False, quiet: Quiet = False, config: ConfigFile = None,
+    trust_remote_code: RemoteCode = False, quiet: Quiet = False, verbose: Verbose = False,
+    config: ConfigFile = None,
 ) -> None:
     """Train a reference: LoRA SFT on DATA's response tokens, tokenized exactly as `filter` does. Defaults are the
     paper's recipe. Train the safety-degraded reference on harmful compliant Q&A and the utility-oriented one on
@@ -321,7 +381,7 @@ def push_command(
     revision: Annotated[Optional[str], typer.Option("--revision", help="Branch to push to (created from main if missing).")] = None,
     token: Annotated[Optional[str], typer.Option("--token", help="Hub token (default: HF_TOKEN or `hf auth login`); never logged or stored.")] = None,
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="The run directory that describes OUTPUT (default: OUTPUT-run).")] = None,
-    quiet: Quiet = False,
+    quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
     """Publish OUTPUT to the Hugging Face Hub with a dataset card (method, citation, settings, models, source,
     stats, masked share by position, how to train on it); docs/hub.md."""
@@ -343,7 +403,7 @@ def report_command(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="HTML file to write (default: RUN_DIR/report.html).")] = None,
     rows: Annotated[int, typer.Option("--rows", help="How many most-masked rows, and how many random rows, to show.")] = 20,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random sample of rows.")] = 0,
-    quiet: Quiet = False,
+    quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
     """Write one self-contained HTML file showing what was masked and why (docs/report.md)."""
     from toss_filter.report import write_report
@@ -359,12 +419,21 @@ def _write_report(run_dir: Path) -> Path:
     return write_report(run_dir, run_dir / "report.html")
 
 
-@app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details.")] = False) -> None:
+def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="toss-filter: %(message)s")
-    if not verbose:  # raised inside transformers by its own Trainer/peft calls; nothing a user can act on
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
+    # raised inside transformers by its own Trainer/peft calls; nothing a user can act on
+    gradient_checkpointing = ".*is_gradient_checkpointing.*is deprecated"
+    if verbose:  # also after `main` configured a quiet root (`toss-filter filter ... -v`): lower it, show the warning
+        logging.getLogger().setLevel(logging.INFO)
+        warnings.filterwarnings("default", message=gradient_checkpointing, category=FutureWarning)
+    else:
+        warnings.filterwarnings("ignore", message=gradient_checkpointing, category=FutureWarning)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details (or -v after the command).")] = False) -> None:
+    _configure_logging(verbose)
 
 
 if __name__ == "__main__":

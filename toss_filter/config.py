@@ -28,10 +28,15 @@ class ScoreConfig:
     - `columns`: canonical column → input column, e.g. `{"prompt": "question", "completion": "answer"}`.
     - `template`: `chat` (the model's chat template), `paper` (the authors' Human:/Assistant: format), or a Jinja file.
     - `max_length`: truncate rows to this many tokens (counted in stats.json).
+    - `skip_invalid`: a row that cannot be loaded or tokenized goes to OUTPUT-rejected (`reason` "invalid: ...")
+      instead of stopping the run; `max_invalid`: with it, stop anyway once more than this many rows are invalid.
 
     > Models
     - `safety_model`, `utility_model`: full HF model directories or PEFT LoRA adapter directories.
     - `base_model`: the base of the adapters (default: the base recorded in each adapter's config).
+    - `allow_pickle_weights`: load a model or adapter directory that has only pickle weights (`pytorch_model.bin`,
+      `*.pt`, `adapter_model.bin`, no `.safetensors`); off, such a directory is refused, since unpickling can run
+      code, and weights load from safetensors only.
 
     > Execution
     - `run_dir`: where tokens, score shards, stats and the resolved config live; a re-run resumes from it.
@@ -57,6 +62,8 @@ class ScoreConfig:
     columns: dict[str, str] = field(default_factory=dict)
     template: str = "chat"
     max_length: int | None = None
+    skip_invalid: bool = False
+    max_invalid: int | None = None
     backend: str = "torch"
     dtype: str = "auto"
     device: str = "auto"
@@ -65,6 +72,7 @@ class ScoreConfig:
     num_proc: int = 1
     shard_slice: str | None = None
     trust_remote_code: bool = False
+    allow_pickle_weights: bool = False
     merge_adapters: bool = False
     verify: int = 0
     gpu_memory_utilization: float | None = None
@@ -84,6 +92,8 @@ class ScoreConfig:
             raise ConfigError("--verify must be 0 or more, and --tensor-parallel-size 1 or more")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"--gpu-memory-utilization must be within (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_invalid is not None and (not self.skip_invalid or self.max_invalid < 0):
+            raise ConfigError("--max-invalid only applies with --skip-invalid, and must be 0 or more")
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError("--max-length must be at least 2")
         if (self.max_batch_tokens is not None and self.max_batch_tokens < 1) or self.shard_rows < 1 or self.num_proc < 1:
@@ -121,13 +131,14 @@ class SelectConfig:
             raise ConfigError(f"--ratio must be within [0, 1], got {self.ratio}")
         _choice("scope", self.scope, SCOPES)
         _choice("strategy", self.strategy, STRATEGIES)
-        from toss_filter.data.write import check_output  # here, not at import: the CLI's --help stays light
+        # here, not at import: the CLI's --help stays light
+        from toss_filter.data.write import check_output, check_output_dir, rejected_path
 
+        check_paths(None, self.run_dir, self.output)
         check_output(Path(self.output), self.format, self.emit_assistant_masks)
+        check_output_dir(rejected_path(Path(self.output)), "the rejected rows' directory")
         if self.strategy != "toss" and (self.scope != "global" or self.threshold is not None):
             raise ConfigError(f"--scope and --threshold refine --strategy toss only, not {self.strategy}")
-        if Path(self.output).resolve() == Path(self.run_dir).resolve():
-            raise ConfigError("--output and --run-dir must be different directories")
 
     def flagging(self) -> dict[str, Any]:
         """The settings that decide which tokens a TOSS-Pro round flags (so `select` can tell if they changed)."""
@@ -189,6 +200,30 @@ class RefineConfig:
             raise ConfigError("--rounds must be 1 or more, --refine-epochs and --refine-learning-rate positive")
         if self.batch_size < 1 or self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
             raise ConfigError("--refine-batch-size must be a positive multiple of --refine-micro-batch-size")
+
+
+def check_paths(input: str | None, run_dir: str, output: str) -> None:
+    """Refuse an `output` (or its `-rejected` sibling) that is the input or holds it, or that is, holds or lies in
+    the run directory: writing it would overwrite or delete the other. `input` is checked only if it is a local
+    path (None or a Hub name: not at all)."""
+    out = Path(output).resolve()
+    rejected = out.with_name(out.name + "-rejected")
+    run = Path(run_dir).resolve()
+    if run in (out, rejected):
+        raise ConfigError("--output and --run-dir must be different directories")
+    for target, name in ((out, "--output"), (rejected, "--output's -rejected sibling")):
+        if target.is_relative_to(run):
+            raise ConfigError(f"{name} {target} is inside the run directory {run}: name a path outside it")
+        if run.is_relative_to(target):
+            raise ConfigError(f"the run directory {run} is inside {name} {target}: writing the output would replace "
+                              "it; name a --run-dir outside it")
+    if input is None or not Path(input).exists():
+        return
+    source = Path(input).resolve()
+    for target in (out, rejected):
+        if source == target or source.is_relative_to(target) or target.is_relative_to(source):
+            raise ConfigError(f"--output {out} would overwrite the input {source}: name an output that is neither "
+                              "the input nor inside it (nor holds it)")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from toss_filter.errors import ConfigError
-from toss_filter.files import temp_file
+from toss_filter.files import temp_file, writing
 
 SHARD_NAME = "shard-{:05d}.arrow"
 
@@ -65,12 +65,14 @@ def shard_path(directory: Path, shard: int) -> Path:
 
 
 def write_table(path: Path, table: pa.Table) -> None:
-    """Write `table` as an Arrow IPC file at `path`, complete or not at all."""
+    """Write `table` as an Arrow IPC file at `path`, complete or not at all (a full disk or a read-only target is
+    a `WriteError` naming `path`, and leaves no temporary file)."""
     tmp = temp_file(path)
     try:
-        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
-        os.replace(tmp, path)
+        with writing(path):
+            with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

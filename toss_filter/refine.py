@@ -79,7 +79,8 @@ def flagged_rows(input_ids: np.ndarray, offsets: np.ndarray, flagged_flat: np.nd
 
 def check_refinable(score_config: ScoreConfig, select_config: SelectConfig) -> None:
     """Refuse, before any scoring, what TOSS-Pro cannot refine."""
-    spec = resolve_spec("safety", score_config.safety_model, score_config.base_model)
+    spec = resolve_spec("safety", score_config.safety_model, score_config.base_model,
+                        score_config.allow_pickle_weights)
     if not spec.is_adapter:
         raise ConfigError("--rounds refines the safety reference as a LoRA adapter: give --safety-model as an "
                           "adapter directory (train one with `toss-filter train-ref`)")
@@ -101,7 +102,8 @@ def refine_rounds(score_config: ScoreConfig, select_config: SelectConfig, refine
     from toss_filter.train import fit_adapter, save_adapter
 
     check_refinable(score_config, select_config)
-    spec = resolve_spec("safety", score_config.safety_model, score_config.base_model)
+    spec = resolve_spec("safety", score_config.safety_model, score_config.base_model,
+                        score_config.allow_pickle_weights)
     run = RunDir(score_config.run_dir)
     state = run.read_json("run.json")
     plan = check_scored(run, state)

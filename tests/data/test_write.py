@@ -19,6 +19,7 @@ from toss_filter.data.write import (OUTPUT_FORMATS, MissingShardsError, ShardedD
                                     save_dataset, save_output, training_schema, training_table,
                                     with_assistant_masks)
 from toss_filter.errors import ConfigError, TossError
+from toss_filter.files import MARKER
 
 IGNORE = -100
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "trainers.md"
@@ -391,7 +392,7 @@ def test_shards_written_out_of_order_load_in_shard_order(tmp_path):
     assert [data.done(shard) for shard in range(4)] == [True] * 4
     assert export(data, tmp_path / "out", "arrow") == tmp_path / "out"
     assert sorted(os.listdir(tmp_path)) == ["out"]  # the staging directory became the output
-    assert sorted(os.listdir(tmp_path / "out")) == data_files(4) + ["dataset_info.json", "state.json"]
+    assert sorted(os.listdir(tmp_path / "out")) == data_files(4) + ["dataset_info.json", "state.json", MARKER]
     loaded = datasets.load_from_disk(str(tmp_path / "out"))
     assert loaded.to_list() == rows(table)
     assert len(loaded.cache_files) == 4  # memory-mapped, one table per shard file
@@ -433,8 +434,10 @@ def test_the_directory_is_what_save_to_disk_writes(tmp_path, kind):
         else:
             div, mod = divmod(table.num_rows, shards)
             export(sharded(tmp_path / "staging", table, [div + (i < mod) for i in range(shards)]), ours, "arrow")
-        assert sorted(os.listdir(ours)) == sorted(os.listdir(ref)) == data_files(shards) + ["dataset_info.json",
-                                                                                             "state.json"]
+        # datasets' own files exactly, and beside them toss-filter's marker (which datasets never reads)
+        assert sorted(os.listdir(ref)) == data_files(shards) + ["dataset_info.json", "state.json"]
+        assert sorted(os.listdir(ours)) == sorted(os.listdir(ref) + [MARKER])
+        assert json.loads((ours / MARKER).read_text()) == {"kind": "save_to_disk", "written_by": "toss-filter"}
         for name in data_files(shards) + ["dataset_info.json"]:
             assert (ours / name).read_bytes() == (ref / name).read_bytes(), name
         state, ref_state = (json.loads((path / "state.json").read_text()) for path in (ours, ref))
@@ -487,7 +490,7 @@ def test_arrow_export_adds_assistant_masks_shard_by_shard(tmp_path):
     loaded = datasets.load_from_disk(str(tmp_path / "late"))
     assert loaded.to_list() == rows(with_assistant_masks(table))
     assert loaded.features["assistant_masks"].feature.dtype == "int8"
-    for name in data_files(4) + ["dataset_info.json", "state.json"]:
+    for name in data_files(4) + ["dataset_info.json", "state.json", MARKER]:
         assert (tmp_path / "late" / name).read_bytes() == (tmp_path / "early" / name).read_bytes(), name
 
 
@@ -531,7 +534,7 @@ def test_a_killed_write_is_refused_then_redone_and_its_leftovers_are_not_in_the_
     assert [shard for shard in range(3) if not rerun.done(shard)] == [1]
     rerun.write(1, table.slice(5, 4))
     assert rerun.finish(target) == target
-    assert sorted(os.listdir(target)) == data_files(3) + ["dataset_info.json", "state.json"]
+    assert sorted(os.listdir(target)) == data_files(3) + ["dataset_info.json", "state.json", MARKER]
     assert datasets.load_from_disk(str(target)).to_list() == rows(table)
     assert not staging.exists()
 

@@ -137,3 +137,12 @@ def test_one_shard_and_many_shards_give_the_same_scores_and_output(tmp_path, dat
     assert one.column("unsafe").equals(many.column("unsafe"))
     assert one.column("score").combine_chunks().values.to_numpy().tobytes() == \
         many.column("score").combine_chunks().values.to_numpy().tobytes()
+
+
+def test_a_row_longer_than_the_context_is_refused_before_scoring(tmp_path, tiny_models):
+    data = write_jsonl(tmp_path / "long.jsonl", [chat("short", "fine"), chat("long " * 600, "answer " * 600)])
+    with pytest.raises(ConfigError, match=r"long.jsonl: row 1 has \d+ tokens, more than the references' context "
+                                          r"of 1024: truncate with --max-length 1024"):
+        score_dataset(score_config(data, tiny_models, tmp_path / "run"), show_progress=False)
+    assert not (tmp_path / "run" / "scores").exists() or not list((tmp_path / "run" / "scores").rglob("shard-*"))
+    score_dataset(score_config(data, tiny_models, tmp_path / "run", max_length=1024), show_progress=False)

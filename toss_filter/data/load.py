@@ -4,7 +4,17 @@ Contract: `load_conversations(source, ...)` yields `(row, messages)` for every i
 where `row` is the 0-based index of the row in the input and `messages` is a list of
 `{"role": "system" | "user" | "assistant", "content": str}` with at least one non-empty assistant turn.
 A row that cannot be normalised raises `InputError` naming the source, the row and the field: rows are
-never skipped.
+never skipped silently. `iter_conversations` yields the `InputError` of a bad row in its place instead (what
+`--skip-invalid` uses), so the rows after it are still read and keep their row numbers.
+
+Hostile input (each an `InputError`, never a traceback):
+- a compressed or binary file under a text name (gzip, zstd, bz2, xz, zip, Parquet, UTF-16): refused up front;
+- bytes that are not UTF-8: the row (in JSONL its own line; lines are read as bytes and decoded one by one);
+- a JSONL line, or a .json row, over `MAX_ROW_BYTES` bytes (16 MiB; `TOSS_FILTER_MAX_ROW_BYTES` overrides it):
+  read with a cap, never whole, so a huge line costs neither the memory nor the time to decode it;
+- a lone surrogate (a JSON `\\ud800` escape without its pair) in any text: the row and field;
+- nesting too deep for the JSON decoder, an integer too long to convert: the row.
+NUL characters (`\\u0000`) are valid text: they are kept and tokenized like any other character.
 
 Accepted row shapes (checked in this order; `--column canonical=actual` renames input columns first):
 - chat: `messages` (list of `{role, content}`; ShareGPT `{from, value}` with human/gpt is accepted too)
@@ -15,7 +25,10 @@ Accepted row shapes (checked in this order; `--column canonical=actual` renames 
 
 from __future__ import annotations
 
+import codecs
 import json
+import os
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,15 +40,62 @@ Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 JSON_CHUNK_CHARS = 1 << 20
+MAX_ROW_BYTES = 16 * 2**20  # the longest JSONL line or .json row read; TOSS_FILTER_MAX_ROW_BYTES overrides it
+MAX_ROW_BYTES_ENV = "TOSS_FILTER_MAX_ROW_BYTES"
+BOM = codecs.BOM_UTF8
+# What a compressed or binary file starts with, so one named .jsonl is refused with its real kind.
+MAGIC_BYTES = (
+    (b"\x1f\x8b", "a gzip-compressed file", "decompress it first, e.g. gzip -dc FILE > plain.jsonl"),
+    (b"\x28\xb5\x2f\xfd", "a zstd-compressed file", "decompress it first, e.g. zstd -dc FILE > plain.jsonl"),
+    (b"BZh", "a bzip2-compressed file", "decompress it first, e.g. bzip2 -dc FILE > plain.jsonl"),
+    (b"\xfd7zXZ\x00", "an xz-compressed file", "decompress it first, e.g. xz -dc FILE > plain.jsonl"),
+    (b"PK\x03\x04", "a zip archive", "extract it first (unzip)"),
+    (b"PAR1", "a Parquet file", "name it .parquet"),
+    (b"\xff\xfe", "UTF-16 text", "convert it to UTF-8, e.g. iconv -f UTF-16 -t UTF-8"),
+    (b"\xfe\xff", "UTF-16 text", "convert it to UTF-8, e.g. iconv -f UTF-16 -t UTF-8"),
+)
+SURROGATE = re.compile(r"[\ud800-\udfff]")
 CANONICAL_COLUMNS = (
     "messages", "prompt", "completion", "instruction", "input", "output", "system_prompt", "question", "response",
 )
+
+
+def max_row_bytes() -> int:
+    """The longest row read, in bytes: `TOSS_FILTER_MAX_ROW_BYTES` if set, else `MAX_ROW_BYTES`."""
+    text = os.environ.get(MAX_ROW_BYTES_ENV)
+    if not text:
+        return MAX_ROW_BYTES
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        from toss_filter.errors import ConfigError
+
+        raise ConfigError(f"{MAX_ROW_BYTES_ENV} must be a positive number of bytes, got {text!r}")
+    return value
+
+
+def _too_long(limit: int) -> str:
+    return (f"the row is longer than {limit:,} bytes, the limit on one row: shorten or split it, or raise the limit "
+            f"with {MAX_ROW_BYTES_ENV}=BYTES")
 
 
 def read_records(source: str, split: str | None = None, name: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield `(row, record)` for each row of a JSONL/JSON/Parquet file, a `save_to_disk` directory or a
     `datasets.load_dataset` name or path (streamed, with `name` its config), reading in batches, never the whole
     input at once. Broken JSON and an empty input raise `InputError`."""
+    for row, record in read_records_or_errors(source, split, name):
+        if isinstance(record, InputError):
+            raise record
+        yield row, record
+
+
+def read_records_or_errors(source: str, split: str | None = None,
+                           name: str | None = None) -> Iterator[tuple[int, dict[str, Any] | InputError]]:
+    """`read_records`, but a row that cannot be read and that the reader can step over (a JSONL line that is not
+    JSON, not UTF-8 or too long; a row that is not an object) is yielded as its `InputError`. A problem with the
+    input as a whole, or one that leaves no way to find the next row (broken JSON inside a .json list), raises."""
     path = Path(source)
     count = 0
     if path.is_file():
@@ -55,37 +115,110 @@ def read_records(source: str, split: str | None = None, name: str | None = None)
     else:
         records = _read_hub_dataset(source, split, name)
     for row, record in enumerate(records):
-        if not isinstance(record, Mapping):
-            raise InputError(source, row, None, f"expected a JSON object per row, got {type(record).__name__}")
         count += 1
-        yield row, dict(record)
+        if isinstance(record, InputError):
+            yield row, record
+        elif not isinstance(record, Mapping):
+            yield row, InputError(source, row, None, f"expected a JSON object per row, got {type(record).__name__}")
+        else:
+            yield row, dict(record)
     if count == 0:
         raise InputError(source, None, None, "the input has no rows")
 
 
+def _check_text_file(path: Path, handle: Any) -> None:
+    """Refuse a compressed or binary file under a text name, from its first bytes; leaves `handle` at the start."""
+    head = handle.read(8)
+    handle.seek(0)
+    for magic, kind, fix in MAGIC_BYTES:
+        if head.startswith(magic):
+            raise InputError(str(path), None, None, f"this looks like {kind} (it starts with bytes "
+                             f"{magic.hex(' ')}), not UTF-8 JSON text: {fix}")
+
+
+def _skip_bom(handle: Any) -> None:
+    if handle.read(len(BOM)) != BOM:  # tolerate a byte-order mark
+        handle.seek(0)
+
+
+def _parse_error(err: Exception) -> str:
+    if isinstance(err, json.JSONDecodeError):
+        return f"{err.msg} (column {err.colno})"
+    if isinstance(err, RecursionError):
+        return "nested too deeply to decode"
+    return str(err)  # e.g. an integer too long to convert
+
+
 def _read_jsonl(path: Path) -> Iterator[Any]:
-    with path.open(encoding="utf-8-sig") as handle:  # -sig: tolerate a byte-order mark
-        row = 0
-        for line_number, line in enumerate(handle, start=1):
+    """The JSON value of each non-blank line, or the `InputError` of a line that is not one. Lines are read as
+    bytes, at most `max_row_bytes()` of them at a time, and decoded one by one, so a bad line names its own row
+    and a huge one is refused without being held whole."""
+    source, limit = str(path), max_row_bytes()
+    with path.open("rb") as handle:
+        _check_text_file(path, handle)
+        _skip_bom(handle)
+        row, line_number = 0, 0
+        while line := handle.readline(limit + 1):
+            line_number += 1
+            if len(line) > limit and not line.endswith(b"\n"):  # more than `limit` bytes before the newline
+                del line
+                while (rest := handle.readline(1 << 16)) and not rest.endswith(b"\n"):
+                    pass  # step over the rest of the line without keeping it
+                yield InputError(source, row, None, f"line {line_number}: {_too_long(limit)}")
+                row += 1
+                continue
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(str(path), row, None, f"broken JSON on line {line_number}: {err.msg} (column {err.colno})")
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield InputError(source, row, None, f"not valid UTF-8 on line {line_number}: byte "
+                                 f"0x{line[err.start]:02x} at byte {err.start + 1} of the line (the file must be UTF-8)")
+                row += 1
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield json.loads(text)
+            except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
+                yield InputError(source, row, None, f"broken JSON on line {line_number}: {_parse_error(err)}")
             row += 1
 
 
 def _read_json(path: Path) -> Iterator[Any]:
     """The elements of a top-level JSON list, decoded one at a time from chunks of the file, as strictly as
     `json.loads` would read the whole list."""
-    decoder, source = json.JSONDecoder(), str(path)
-    with path.open(encoding="utf-8-sig") as handle:
+    decoder, source, limit = json.JSONDecoder(), str(path), max_row_bytes()
+    with path.open("rb") as handle:
+        _check_text_file(path, handle)
+        _skip_bom(handle)
         buffer, position, lines_before, rows = "", 0, 0, 0
+        pending, decoded = b"", 0  # bytes of a character cut by the chunk's end; bytes decoded so far
+        bad: tuple[int, int] | None = None  # (file offset, value) of the first byte that is not UTF-8
+        current: int | None = None  # the row being read, for an error (None outside the list)
+
+        def read_text() -> str:  # the next chunk as text, up to the first byte that is not UTF-8
+            nonlocal pending, decoded, bad
+            while bad is None:
+                raw = handle.read(JSON_CHUNK_CHARS)
+                data = pending + raw
+                try:
+                    text, used = codecs.utf_8_decode(data, "strict", not raw)
+                except UnicodeDecodeError as err:
+                    text, used, bad = data[:err.start].decode("utf-8"), err.start, (decoded + err.start, data[err.start])
+                pending, decoded = data[used:], decoded + used
+                if text or not raw:
+                    return text
+            return ""
+
+        def not_utf8() -> InputError:
+            assert bad is not None
+            return InputError(source, current, None, f"not valid UTF-8: byte 0x{bad[1]:02x} at byte {bad[0]:,} of "
+                              "the file (the file must be UTF-8)")
 
         def more() -> bool:  # append the next chunk to what is left of the buffer; False at the end of the file
             nonlocal buffer, position, lines_before
-            chunk = handle.read(JSON_CHUNK_CHARS)
+            chunk = read_text()
             lines_before += buffer.count("\n", 0, position)
             buffer, position = buffer[position:] + chunk, 0
             return bool(chunk)
@@ -100,6 +233,8 @@ def _read_json(path: Path) -> Iterator[Any]:
                 while position < len(buffer) and buffer[position] in " \t\r\n":
                     position += 1
                 if position < len(buffer) or not more():
+                    if position >= len(buffer) and bad is not None:
+                        raise not_utf8()
                     return buffer[position:position + 1]
 
         first = next_char()
@@ -110,11 +245,13 @@ def _read_json(path: Path) -> Iterator[Any]:
         position += 1
         expect_value = False  # after "[" a "]" may come; after "," a value must
         while True:
+            current = rows
             char = next_char()
             if not char:
                 raise InputError(source, None, None, "broken JSON: the list is not closed with ']'")
             if char == "]" and not expect_value:
                 position += 1
+                current = None
                 if next_char():
                     raise InputError(source, None, None, "broken JSON: text after the closing ']'")
                 return
@@ -126,11 +263,19 @@ def _read_json(path: Path) -> Iterator[Any]:
                     element, end = decoder.raw_decode(buffer, position)
                     if end < len(buffer) or not more():  # a number at the buffer's end may go on in the next chunk
                         break
-                except json.JSONDecodeError as err:
+                except (ValueError, RecursionError) as err:
+                    if len(buffer) - position > limit:
+                        raise InputError(source, rows, None, _too_long(limit)) from None
+                    if not isinstance(err, json.JSONDecodeError):
+                        raise InputError(source, rows, None, f"broken JSON: {_parse_error(err)}") from None
                     if not more():  # else the element may continue in the next chunk
+                        if bad is not None:
+                            raise not_utf8() from None
                         raise InputError(source, rows, None, f"broken JSON at {where(err.pos)}: {err.msg}") from None
-            yield element
+            # A row that parsed is over the limit too if it is longer: say so, and go on to the next one.
+            yield InputError(source, rows, None, _too_long(limit)) if end - position > limit else element
             position, rows = end, rows + 1
+            current = rows
             char = next_char()
             if char == ",":
                 position, expect_value = position + 1, True
@@ -142,10 +287,16 @@ def _read_json(path: Path) -> Iterator[Any]:
 
 
 def _read_parquet(path: Path) -> Iterator[Any]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-        yield from batch.to_pylist()
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+        for batch in batches:
+            records = batch.to_pylist()
+            yield from records
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as err:  # not Parquet, or a damaged one
+        raise InputError(str(path), None, None, f"not a readable Parquet file: {' '.join(str(err).split())}") from None
 
 
 def _read_saved_dataset(path: Path, split: str | None) -> Iterator[Any]:
@@ -185,8 +336,7 @@ def count_rows(source: str, split: str | None = None, name: str | None = None) -
 
                 return pq.ParquetFile(path).metadata.num_rows
             if suffix in (".jsonl", ".ndjson"):
-                with path.open("rb") as handle:
-                    return sum(1 for line in handle if line.strip())
+                return _count_lines(path)
             return None
         if path.is_dir():
             import datasets
@@ -201,6 +351,19 @@ def count_rows(source: str, split: str | None = None, name: str | None = None) -
         return info.splits[split or "train"].num_examples if info.splits else None
     except Exception:  # a count is only for the progress bar: reading the rows reports the real problem
         return None
+
+
+def _count_lines(path: Path) -> int:
+    """Non-blank lines, read in fixed chunks (a line of any length costs no more memory than a chunk)."""
+    count, open_line = 0, False  # whether the line the last chunk ended in has a non-blank byte yet
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            *ended, last = chunk.split(b"\n")
+            for part in ended:
+                count += bool(open_line or part.strip())
+                open_line = False
+            open_line = open_line or bool(last.strip())
+    return count + open_line
 
 
 def to_messages(record: Mapping[str, Any], source: str, row: int, columns: Mapping[str, str] | None = None) -> list[Message]:
@@ -249,6 +412,16 @@ def to_messages(record: Mapping[str, Any], source: str, row: int, columns: Mappi
 def _require_str(value: Any, source: str, row: int, field: str) -> None:
     if not isinstance(value, str):
         raise InputError(source, row, field, f"expected a string, got {type(value).__name__}")
+    _require_unicode(value, source, row, field)
+
+
+def _require_unicode(value: str, source: str, row: int, field: str) -> None:
+    """Refuse a lone surrogate (from a JSON escape such as `\\ud800` without its pair): no tokenizer, Arrow
+    column or UTF-8 file can hold it."""
+    if not value.isascii() and (match := SURROGATE.search(value)):
+        raise InputError(source, row, field, f"a lone surrogate U+{ord(match.group()):04X} at character "
+                         f"{match.start()} (half of a UTF-16 pair, e.g. a JSON \\u{ord(match.group()):04x} escape "
+                         "without its other half) is not valid Unicode text")
 
 
 def _validate_messages(messages: Any, source: str, row: int, field: str) -> list[Message]:
@@ -269,6 +442,7 @@ def _validate_messages(messages: Any, source: str, row: int, field: str) -> list
             raise InputError(source, row, f"{where}.role", f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
         if not isinstance(content, str):
             raise InputError(source, row, f"{where}.content", f"expected a string, got {type(content).__name__}")
+        _require_unicode(content, source, row, f"{where}.content")
         if role == "assistant" and not content.strip():
             raise InputError(source, row, f"{where}.content", "empty assistant turn")
         normalised.append({"role": role, "content": content})
@@ -280,6 +454,25 @@ def _validate_messages(messages: Any, source: str, row: int, field: str) -> list
 def load_conversations(
     source: str, split: str | None = None, columns: Mapping[str, str] | None = None, name: str | None = None
 ) -> Iterator[tuple[int, list[Message]]]:
-    """Yield `(row, messages)` for every row of `source`, validated (see the module docstring)."""
-    for row, record in read_records(source, split, name):
-        yield row, to_messages(record, source, row, columns)
+    """Yield `(row, messages)` for every row of `source`, validated (see the module docstring); the first bad row
+    raises its `InputError`."""
+    for row, messages in iter_conversations(source, split, columns, name):
+        if isinstance(messages, InputError):
+            raise messages
+        yield row, messages
+
+
+def iter_conversations(
+    source: str, split: str | None = None, columns: Mapping[str, str] | None = None, name: str | None = None
+) -> Iterator[tuple[int, list[Message] | InputError]]:
+    """`load_conversations`, but a bad row that the reader can step over is yielded as `(row, InputError)` and
+    reading goes on (`--skip-invalid`); problems of the input as a whole still raise."""
+    for row, record in read_records_or_errors(source, split, name):
+        if isinstance(record, InputError):
+            yield row, record
+            continue
+        try:
+            messages: list[Message] | InputError = to_messages(record, source, row, columns)
+        except InputError as err:
+            messages = err
+        yield row, messages

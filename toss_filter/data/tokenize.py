@@ -28,10 +28,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import jinja2
 import pyarrow as pa
 from transformers import PreTrainedTokenizerBase
 
-from toss_filter.data.load import Message
+from toss_filter.data.load import MAX_ROW_BYTES_ENV, Message, max_row_bytes
 from toss_filter.errors import ConfigError, InputError
 
 # The authors' format ("Human: {prompt}\nAssistant: {response} {eos}", contents stripped, system as
@@ -142,6 +143,10 @@ def _end_of_turn(text: str, content_end: int, limit: int, special_tokens: list[s
     return content_end
 
 
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def tokenize_conversation(
     messages: list[Message],
     tokenizer: PreTrainedTokenizerBase,
@@ -152,11 +157,32 @@ def tokenize_conversation(
     row: int = 0,
     special_tokens: list[str] | None = None,
 ) -> Tokenized:
-    """Render, tokenise and label one conversation (see the module docstring for the contract)."""
-    def render(conversation: list[Message]) -> str:
-        return tokenizer.apply_chat_template(conversation, chat_template=chat_format.template, tokenize=False)
+    """Render, tokenise and label one conversation (see the module docstring for the contract).
 
+    A conversation longer than `max_row_bytes()` characters is refused (an `InputError`) before it is rendered:
+    it is tokenised whole before `max_length` truncates it, so its size must stay bounded. A template that
+    refuses the conversation (its own `raise_exception`, or any Jinja error while rendering) is an `InputError`
+    naming the row and the template's message; a template that does not compile is a `ConfigError`."""
+    limit = max_row_bytes()
+
+    def refuse_if_long(length: int) -> None:
+        if length > limit:
+            raise InputError(source, row, "messages", f"the conversation is {length:,} characters long, over the "
+                             f"limit of {limit:,} on one row: shorten or split it, or raise the limit with "
+                             f"{MAX_ROW_BYTES_ENV}=N")
+
+    def render(conversation: list[Message]) -> str:
+        try:
+            return tokenizer.apply_chat_template(conversation, chat_template=chat_format.template, tokenize=False)
+        except jinja2.TemplateSyntaxError as err:
+            raise ConfigError(f"the {chat_format.name} template does not compile: {_one_line(err)}") from None
+        except jinja2.TemplateError as err:
+            raise InputError(source, row, "messages",
+                             f"the {chat_format.name} template refused this conversation: {_one_line(err)}") from None
+
+    refuse_if_long(sum(len(message["content"]) for message in messages))
     text = render(messages)
+    refuse_if_long(len(text))
     skeleton = render([{**message, "content": _sentinel(i)} for i, message in enumerate(messages)])
     spans = response_char_spans(text, skeleton, messages, special_tokens or _special_token_strings(tokenizer))
     if spans is None:

@@ -25,6 +25,13 @@ boundaries. `save_output` / `save_dataset` write one in-memory table, as a singl
 Every output is written to a temporary sibling and renamed into place only when complete, so a failed run never
 leaves a file or directory that looks finished; the staging directory stays until the output is in place, so a
 re-run only writes the shards that are missing.
+
+What is already at the target is replaced only if toss-filter wrote it: a directory output holds `MARKER`
+(`toss-filter.json`, beside datasets' own files, which it leaves as `save_to_disk` writes them), and a directory
+without it, not empty, is refused (`check_output`, before any work, and again right before the move), never
+deleted; a single-file output replaces only a regular file. A full disk or a read-only target is a one-line
+`WriteError` naming the file; a single-file export, or a directory output copied across filesystems, first
+checks that the filesystem has room for it.
 """
 
 from __future__ import annotations
@@ -47,16 +54,20 @@ from datasets.utils.py_utils import asdict
 
 from toss_filter.data.tokenize import IGNORE_INDEX
 from toss_filter.errors import ConfigError, TossError
-from toss_filter.files import atomic_write_text, replace_dir, staging_dir, temp_file
+from toss_filter.files import (atomic_write_text, check_free_space, check_replaceable, mark_dir, replace_dir,
+                               staging_dir, temp_file, writing)
 
 OUTPUT_FORMATS = ("arrow", "parquet", "jsonl", "torchtune")
+# Bytes of a single-file export per byte of the staged Arrow shards, at most (free space is checked against it):
+# JSON Lines spells each id in about as many characters as Arrow stores bytes; Parquet compresses.
+EXPORT_SIZE = {"jsonl": 1.25, "parquet": 1.0, "torchtune": 1.0}
 # Rows per Parquet row group and per JSONL batch: at 2048 tokens a row, about 26 MB of columns, so a reader can
 # stream the file and the writer never holds more than one converted group beside the table.
 ROW_GROUP_ROWS = 1024
 DATA_FILE = "data-{:05d}-of-{:05d}.arrow"  # datasets' own names, so load_from_disk reads the directory
 DATA_FILES = re.compile(r"^data-(\d{5,})-of-(\d{5,})\.arrow$")
 # The temporary files `temp_file` makes for them (`.NAME.random`), which a killed write leaves behind.
-TEMP_FILES = re.compile(r"^\.(data-\d{5,}-of-\d{5,}\.arrow|state\.json|dataset_info\.json)\.")
+TEMP_FILES = re.compile(r"^\.(data-\d{5,}-of-\d{5,}\.arrow|state\.json|dataset_info\.json|toss-filter\.json)\.")
 STATE_FILE, INFO_FILE = datasets_config.DATASET_STATE_JSON_FILENAME, datasets_config.DATASET_INFO_FILENAME
 INT32_MAX = 2**31 - 1
 HASH_CHUNK = 16 * 2**20
@@ -134,7 +145,8 @@ class ShardedDataset:
                              "directory of zero data files; give an empty dataset one empty shard")
         self.staging, self.shards, self.schema = Path(staging), shards, schema
         self._file_schema(schema)  # refuse a schema datasets cannot describe, before any shard is written
-        self.staging.mkdir(parents=True, exist_ok=True)
+        with writing(self.staging):
+            self.staging.mkdir(parents=True, exist_ok=True)
         strays = sorted(path.name for path in self.staging.iterdir()
                         if (match := DATA_FILES.match(path.name)) and int(match.group(2)) != shards)
         if strays:
@@ -198,14 +210,16 @@ class ShardedDataset:
 
     def finish(self, target: Path) -> Path:
         """Make the staging directory a `save_to_disk` directory and move it to `target` (replacing an older
-        directory there); return `target`. Refuses (MissingShardsError, naming them) while a shard is missing.
+        directory there if toss-filter wrote it: `check_replaceable`); return `target`. Refuses (MissingShardsError,
+        naming them) while a shard is missing, and (ConfigError) a directory at `target` that is not toss-filter's.
 
         Writes `dataset_info.json` (DatasetInfo of the features of `schema`) and `state.json` (the data files in
         shard order, and a fingerprint that hashes their bytes) as `Dataset.save_to_disk` writes them, after
         removing the temporary files that killed writes left behind. Safe to re-run after a kill: until the final
-        rename the staging directory holds everything.
+        rename the staging directory holds everything. `MARKER` is written last, beside datasets' files.
         """
         target = Path(target)
+        check_replaceable(target)
         self._check()
         for leftover in self.staging.iterdir():
             if TEMP_FILES.match(leftover.name):
@@ -219,6 +233,7 @@ class ShardedDataset:
                  "_split": None}
         atomic_write_text(self.staging / INFO_FILE, info_text)
         atomic_write_text(self.staging / STATE_FILE, json.dumps(state, indent=2, sort_keys=True))
+        mark_dir(self.staging, kind="save_to_disk")
         _move_dir(self.staging, target)
         return target
 
@@ -267,11 +282,12 @@ def _write_stream(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatc
     out: a 0-row shard is the schema alone, as datasets writes it, and loads as 0 rows."""
     tmp = temp_file(path)
     try:
-        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-            for batch in batches:
-                if batch.num_rows:
-                    writer.write_batch(batch)
-        os.replace(tmp, path)
+        with writing(path):
+            with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+                for batch in batches:
+                    if batch.num_rows:
+                        writer.write_batch(batch)
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -295,21 +311,28 @@ def _concat(batches: list[pa.RecordBatch], schema: pa.Schema) -> pa.RecordBatch:
 
 
 def _move_dir(staging: Path, target: Path) -> None:
-    """`replace_dir`, and across filesystems a copy beside `target` renamed into place, then `staging` removed."""
+    """`replace_dir`, and across filesystems (after checking the room there) a copy beside `target` renamed into
+    place, then `staging` removed."""
     try:
         replace_dir(staging, target)
         return
     except OSError as error:
         if error.errno != errno.EXDEV:
             raise
+    check_free_space(target, _tree_bytes(staging))
     copy = staging_dir(target)
     try:
-        shutil.copytree(staging, copy, dirs_exist_ok=True)
+        with writing(target):
+            shutil.copytree(staging, copy, dirs_exist_ok=True)
         replace_dir(copy, target)
     except BaseException:
         shutil.rmtree(copy, ignore_errors=True)
         raise
     shutil.rmtree(staging)
+
+
+def _tree_bytes(directory: Path) -> int:
+    return sum(path.stat().st_size for path in Path(directory).rglob("*") if path.is_file())
 
 
 def export(data: ShardedDataset, target: Path, format: str = "arrow", emit_assistant_masks: bool = False) -> Path:
@@ -320,9 +343,10 @@ def export(data: ShardedDataset, target: Path, format: str = "arrow", emit_assis
     and shards that lack the column, each shard is rewritten with it first, one at a time (resumable); shards
     written with `training_schema(True)` (`with_assistant_masks` applied per shard) skip that pass. Every other
     format: the shards, in order, streamed into the single file `target`, whatever its suffix (a temporary file
-    renamed over an older file; an existing directory there is refused), one row group of ROW_GROUP_ROWS rows at
-    a time; then the staging directory is removed. The layouts are in this module's docstring. A failed export
-    leaves the staging directory, so it can be run again.
+    renamed over an older regular file; anything else there is refused), one row group of ROW_GROUP_ROWS rows at
+    a time, once the filesystem is seen to have room for it (WriteError otherwise); then the staging directory is
+    removed. The layouts are in this module's docstring. A failed export leaves the staging directory, so it can
+    be run again.
     """
     target = Path(target)
     check_output(target, format, emit_assistant_masks)
@@ -335,13 +359,17 @@ def export(data: ShardedDataset, target: Path, format: str = "arrow", emit_assis
     data._check()
     convert = torchtune_batch if format == "torchtune" else with_assistant_masks if masks else None
     write = write_jsonl if format == "jsonl" else write_parquet
+    check_free_space(target, int(EXPORT_SIZE[format] * sum(data.path(shard).stat().st_size
+                                                           for shard in range(data.shards))))
     tmp = Path(temp_file(target))
     try:
-        write(data.batches(ROW_GROUP_ROWS), data.schema.remove_metadata(), tmp, convert)
+        with writing(target):
+            write(data.batches(ROW_GROUP_ROWS), data.schema.remove_metadata(), tmp, convert)
+            check_output(target, format, emit_assistant_masks)  # again: what is there now, right before the move
+            os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, target)
     shutil.rmtree(data.staging)
     return target
 
@@ -372,15 +400,29 @@ def save_dataset(table: pa.Table, target: Path) -> Path:
 
 
 def check_output(target: Path, format: str, emit_assistant_masks: bool) -> None:
-    """Refuse what `save_output` cannot write; `SelectConfig` calls it too, so a bad choice fails before scoring."""
+    """Refuse what `save_output` cannot write, or must not replace: for `arrow`, a directory toss-filter did not
+    write (not empty, no MARKER), a symbolic link or a file; for a single-file format, anything but a regular file.
+    `SelectConfig` calls it too (and `check_output_dir` on the rejected rows' directory), so a bad choice fails
+    before scoring; the writers call it again right before the move."""
     if format not in OUTPUT_FORMATS:
         raise ConfigError(f"unknown output format '{format}': choose one of {', '.join(OUTPUT_FORMATS)}")
     if format == "torchtune" and emit_assistant_masks:
         raise ConfigError("--emit-assistant-masks does not apply to the torchtune format: torchtune never reads "
                           "`assistant_masks` (its loss mask is the `mask` column); the masks are for TRL <= 1.6 "
                           "with packing")
-    if format != "arrow" and Path(target).is_dir():
+    target = Path(target)
+    if format == "arrow":
+        check_output_dir(target)
+    elif target.is_dir():
         raise ConfigError(f"{target} is a directory; the {format} format writes a single file: name a file")
+    elif target.exists() and not target.is_file():
+        raise ConfigError(f"--output {target} exists and is not a regular file: toss-filter replaces only a regular "
+                          "file; name another path")
+
+
+def check_output_dir(target: Path, option: str = "--output") -> None:
+    """Refuse a directory output's `target` that toss-filter must not replace (`files.check_replaceable`)."""
+    check_replaceable(Path(target), option)
 
 
 Convert = Callable[[pa.RecordBatch], pa.RecordBatch] | None

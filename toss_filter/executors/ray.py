@@ -40,7 +40,9 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -201,11 +203,17 @@ class RayExecutor:
         if not ray.is_initialized():
             address = self.config.ray_address or os.environ.get("RAY_ADDRESS") or None
             verbose = logging.getLogger().isEnabledFor(logging.INFO)
+            # ray.init installs its own SIGTERM handler (sys.exit); the command's handler turns SIGTERM into an
+            # interrupt that keeps completed shards and exits 130, so it is put back.
+            sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
             try:  # a local Ray (no address) uses every core of this machine
                 ray.init(address=address, log_to_driver=verbose,
                          logging_level=logging.INFO if verbose else logging.WARNING)
             except ConnectionError as err:
                 raise ConfigError(f"cannot reach the Ray cluster at {address}: {one_line(err)}") from err
+            finally:
+                if sigterm is not None:
+                    signal.signal(signal.SIGTERM, sigterm)
             self._started, self._local = True, address is None
         return ray
 

@@ -12,6 +12,10 @@ then merge it. Going back to an earlier role reloads the weights. So a role's we
 scored before, and a resumed run is bit-identical; `one_role_at_a_time` tells the scorer to finish one role over
 all shards before the next. In bfloat16/float16 the adapters stay unmerged (peft `set_adapter`): rounding W + ΔW
 to 8 mantissa bits would lose most of a LoRA delta.
+
+Weights load from safetensors only: a model, adapter or base directory that has only pickle weights
+(`pytorch_model.bin`, `*.pt`, `adapter_model.bin`, no `.safetensors`) is refused before anything loads, because
+unpickling a file can run any code in it, unless the user opts in (`allow_pickle_weights`, --allow-pickle-weights).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from toss_filter.errors import ConfigError
 
 ROLES = ("safety", "utility")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # torch.save / pickle files
 log = logging.getLogger(__name__)
 
 
@@ -41,6 +46,7 @@ class ModelSpec:
     path: str
     base: str | None = None  # set for adapters only
     adapter_config: dict[str, Any] = field(default_factory=dict)
+    allow_pickle: bool = False  # the user opted in to pickle weights (--allow-pickle-weights)
 
     @property
     def is_adapter(self) -> bool:
@@ -54,18 +60,40 @@ class ModelSpec:
         return info
 
 
-def resolve_spec(role: str, path: str, base_model: str | None) -> ModelSpec:
+def check_weights(directory: str | Path, what: str, allow_pickle: bool = False) -> None:
+    """Refuse (ConfigError) a local model or adapter `directory` whose only weights are pickle files, unless
+    `allow_pickle`. A directory with any `.safetensors` file passes: weights then load from safetensors only. A Hub
+    name (not a local directory) passes too: it is loaded with `use_safetensors=True`."""
+    root = Path(directory)
+    if allow_pickle or not root.is_dir():
+        return
+    names = sorted(entry.name for entry in root.iterdir() if entry.is_file())
+    if any(name.endswith(".safetensors") for name in names):
+        return
+    pickles = [name for name in names if name.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise ConfigError(f"{what}: {root / pickles[0]} is a pickle weights file and {root} has no .safetensors: "
+                          "loading pickle can run arbitrary code; convert it to safetensors, or pass "
+                          "--allow-pickle-weights if you trust its source")
+
+
+def resolve_spec(role: str, path: str, base_model: str | None, allow_pickle: bool = False) -> ModelSpec:
     """Check that `path` exists and say whether it is an adapter; an adapter's base comes from `base_model` or
-    from its own `adapter_config.json`."""
+    from its own `adapter_config.json`. Refuses a model, adapter or base of only pickle weights (`check_weights`)
+    unless `allow_pickle`."""
     local = Path(path).expanduser()
     if not local.exists():
         if path.startswith((".", "/", "~")) or len(Path(path).parts) != 2:
             raise ConfigError(f"--{role}-model: no such model directory: {path}")
-        return ModelSpec(role, resolve_model_path(path))
+        resolved = resolve_model_path(path)
+        check_weights(resolved, f"--{role}-model {path}", allow_pickle)
+        return ModelSpec(role, resolved, allow_pickle=allow_pickle)
     if not (local / "adapter_config.json").exists():
         if not (local / "config.json").exists():
             raise ConfigError(f"--{role}-model: {path} holds neither config.json (a model) nor adapter_config.json (a LoRA adapter)")
-        return ModelSpec(role, str(local))
+        check_weights(local, f"--{role}-model {path}", allow_pickle)
+        return ModelSpec(role, str(local), allow_pickle=allow_pickle)
+    check_weights(local, f"--{role}-model {path} (a LoRA adapter)", allow_pickle)
     adapter_config = json.loads((local / "adapter_config.json").read_text())
     recorded = adapter_config.get("base_model_name_or_path")
     base = base_model or recorded
@@ -73,7 +101,9 @@ def resolve_spec(role: str, path: str, base_model: str | None) -> ModelSpec:
         raise ConfigError(f"--{role}-model {path} is a LoRA adapter: name its base model with --base-model")
     if base_model and recorded and not _same_model(base_model, recorded):
         log.warning("%s adapter %s was trained on %s but --base-model is %s", role, path, recorded, base_model)
-    return ModelSpec(role, str(local), resolve_model_path(base), adapter_config)
+    resolved = resolve_model_path(base)
+    check_weights(resolved, f"--{role}-model {path}: its base model {base}", allow_pickle)
+    return ModelSpec(role, str(local), resolved, adapter_config, allow_pickle)
 
 
 def resolve_device(device: str) -> str:
@@ -125,6 +155,7 @@ class ReferenceModels:
         self.tokenizer = load_tokenizer(safety, trust_remote_code)
         check_same_tokenizer(self.tokenizer, load_tokenizer(utility, trust_remote_code))
         self.dtype, self.device, self.trust_remote_code = dtype, device, trust_remote_code
+        self.allow_pickle = safety.allow_pickle and utility.allow_pickle
         self.shared_base = safety.is_adapter and utility.is_adapter and _same_model(safety.base, utility.base)
         self._models: dict[str, torch.nn.Module] = {}
         self.one_role_at_a_time = False  # set on loading (see the module docstring)
@@ -150,7 +181,9 @@ class ReferenceModels:
 
     def _load_full(self, path: str, role: str) -> torch.nn.Module:
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
+            # safetensors only unless opted in: a Hub model too (a local one was checked by `check_weights`)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
+                                                         use_safetensors=None if self.allow_pickle else True)
         except (OSError, ValueError) as err:
             raise ConfigError(f"cannot load the {role} model from {path}: {err}") from err
         return model.to(self.device).eval()

@@ -55,7 +55,8 @@ class ScoreJob:
 
 def build_references(config: ScoreConfig) -> ReferenceModels:
     device = resolve_device(config.device)
-    specs = {role: resolve_spec(role, getattr(config, f"{role}_model"), config.base_model) for role in ROLES}
+    specs = {role: resolve_spec(role, getattr(config, f"{role}_model"), config.base_model, config.allow_pickle_weights)
+             for role in ROLES}
     return ReferenceModels(specs["safety"], specs["utility"], resolve_dtype(config.dtype, device), device,
                            config.trust_remote_code)
 
@@ -153,6 +154,33 @@ def score_key(manifest: dict[str, Any], config: ScoreConfig, references: Referen
     return content_key(payload), payload
 
 
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def check_context(source: str, run: RunDir, tokens_key: str, plan: ShardPlan, manifest: dict[str, Any],
+                  references: ReferenceModels) -> None:
+    """Refuse, before any model loads, a row longer than the references' context: past it, a model with learned
+    positions fails in the middle of the run and one with rotary positions scores tokens it was never trained
+    to see. The limit is read from the model configs alone."""
+    from transformers import AutoConfig
+
+    limits = []
+    for spec in references.specs.values():
+        model_config = AutoConfig.from_pretrained(spec.base or spec.path, trust_remote_code=references.trust_remote_code)
+        model_config = getattr(model_config, "text_config", None) or model_config
+        limits += [getattr(model_config, name) for name in CONTEXT_FIELDS if getattr(model_config, name, None)][:1]
+    if not limits or manifest["longest_row"] <= min(limits):
+        return
+    limit = min(limits)
+    for shard in range(plan.shards):  # name the first row that is too long
+        table = run.read_token_shard(tokens_key, shard)
+        lengths = np.diff(list_column(table, "input_ids")[1])
+        if (lengths > limit).any():
+            first = int(np.argmax(lengths > limit))
+            raise ConfigError(f"{source}: row {table.column('row')[first].as_py()} has {lengths[first]} tokens, "
+                              f"more than the references' context of {limit}: truncate with --max-length {limit}")
+
+
 def score_step(config: ScoreConfig, executor: Executor, show_progress: bool = True,
                executor_config: ExecutorConfig | None = None) -> dict[str, Any]:
     """Tokenize `config.input` and write per-token NLLs under both references into `config.run_dir`, resuming
@@ -165,6 +193,7 @@ def score_step(config: ScoreConfig, executor: Executor, show_progress: bool = Tr
     tokens_key, manifest = tokenize_step(config, encode, run, show_progress)
     tokenize_s = time.perf_counter() - started
     plan = ShardPlan(config.shard_rows, manifest["rows"])
+    check_context(config.input, run, tokens_key, plan, manifest, references)
     key, key_payload = score_key(manifest, config, references)
     atomic_write_text(run.scores_dir(key) / "key.json", json.dumps(key_payload, indent=1) + "\n")
     run.write_json("config.json", {"command": "score", "score": as_dict(config), "versions": package_versions()})

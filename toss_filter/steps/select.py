@@ -25,13 +25,14 @@ import pyarrow as pa
 
 from toss_filter.config import SelectConfig, as_dict
 from toss_filter.data.tokenize import IGNORE_INDEX
-from toss_filter.data.write import (ShardedDataset, export, list_array, rejected_path, training_schema,
-                                    training_table, with_assistant_masks)
+from toss_filter.data.write import (ShardedDataset, check_output, check_output_dir, export, list_array,
+                                    rejected_path, training_schema, training_table, with_assistant_masks)
 from toss_filter.plan import read_table
 from toss_filter.run import RunDir, content_key, list_column, package_versions
 from toss_filter.select.rules import positions_in_rows
 from toss_filter.select.streaming import Decision, ResponseShard, Rule, decide
 from toss_filter.steps.score import check_scored
+from toss_filter.steps.tokenize import invalid_reason, read_invalid
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +118,26 @@ def write_shard(reader: ShardReader, decision: Decision, staging: str, shards: i
     kept = np.arange(len(data.row_ids)) if keep_empty else np.flatnonzero(~empty)
     dropped = np.zeros(0, dtype=np.int64) if keep_empty else np.flatnonzero(empty)
 
+    # --skip-invalid: the rows that could not be loaded or tokenized, kept beside the token shard (no tokens).
+    invalid = read_invalid(RunDir(reader.run_dir).token_shard(reader.tokens_key, shard))
+
     outputs = _datasets(Path(staging), shards, assistant_masks)
     if not all(dataset.done(shard) for dataset in outputs.values()):
         table = training_table(data.input_ids, new_labels, data.offsets, kept)
         outputs["output"].write(shard, with_assistant_masks(table) if assistant_masks else table)
         rejected = training_table(data.input_ids, new_labels, data.offsets, dropped)
-        outputs["rejected"].write(shard, rejected.append_column("row", pa.array(data.row_ids[dropped], pa.int64()))
-                                  .append_column("reason", pa.array([_rejection_reason(data.truncated[i],
-                                                 response_per_row[i]) for i in dropped], pa.string())))
+        rejected = (rejected.append_column("row", pa.array(data.row_ids[dropped], pa.int64()))
+                    .append_column("reason", pa.array([_rejection_reason(data.truncated[i], response_per_row[i])
+                                                       for i in dropped], pa.string())))
+        if invalid.num_rows:  # empty token lists, merged into input order
+            no_tokens = training_table(np.zeros(0, np.int32), np.zeros(0, np.int64),
+                                       np.zeros(invalid.num_rows + 1, np.int64), np.arange(invalid.num_rows))
+            reasons = [invalid_reason(f, p) for f, p in zip(invalid.column("field").to_pylist(),
+                                                            invalid.column("problem").to_pylist())]
+            no_tokens = (no_tokens.append_column("row", invalid.column("row"))
+                         .append_column("reason", pa.array(reasons, pa.string())))
+            rejected = pa.concat_tables([rejected, no_tokens]).sort_by("row")
+        outputs["rejected"].write(shard, rejected)
         unsafe_flat = np.zeros(len(data.input_ids), dtype=bool)
         unsafe_flat[response[unsafe]] = True
         outputs["token_scores"].write(shard, pa.table({
@@ -137,7 +150,8 @@ def write_shard(reader: ShardReader, decision: Decision, staging: str, shards: i
     response_position = positions_in_rows(response_per_row)
     early = response_position < POSITIONS_REPORTED
     return {
-        "rows_in": len(data.row_ids), "rows_out": len(kept), "rows_rejected": len(dropped),
+        "rows_in": len(data.row_ids) + invalid.num_rows, "rows_out": len(kept),
+        "rows_rejected": len(dropped) + invalid.num_rows, "rows_invalid": invalid.num_rows,
         "rows_truncated": int(data.truncated.sum()), "rows_without_trainable_token": int(empty.sum()),
         "response_tokens": len(response), "scored_tokens": int((~np.isnan(response_scores)).sum()),
         "masked_tokens": int(unsafe.sum()),
@@ -179,6 +193,9 @@ def select_step(config: SelectConfig, executor: Any, show_progress: bool = True)
                                          config.keep_empty, masks), range(plan.shards))
     outputs = _datasets(staging, plan.shards, masks)
     output = Path(config.output)
+    # Both targets are checked before either moves, so a refusal never leaves one in place without the other.
+    check_output(output, config.format, config.emit_assistant_masks)
+    check_output_dir(rejected_path(output), "the rejected rows' directory")
     export(outputs["output"], output, config.format, config.emit_assistant_masks)
     outputs["rejected"].finish(rejected_path(output))
     outputs["token_scores"].finish(run.path / "token_scores")
@@ -197,7 +214,7 @@ def select_step(config: SelectConfig, executor: Any, show_progress: bool = True)
 def _stats(config: SelectConfig, state: dict[str, Any], counts: list[dict[str, Any]],
            decision: Decision) -> dict[str, Any]:
     total = {name: sum(c[name] for c in counts) for name in (
-        "rows_in", "rows_out", "rows_rejected", "rows_truncated", "rows_without_trainable_token",
+        "rows_in", "rows_out", "rows_rejected", "rows_invalid", "rows_truncated", "rows_without_trainable_token",
         "response_tokens", "scored_tokens", "masked_tokens")}
     by_total = sum((c["by_position_total"] for c in counts), np.zeros(POSITIONS_REPORTED, np.int64))
     by_masked = sum((c["by_position_masked"] for c in counts), np.zeros(POSITIONS_REPORTED, np.int64))

@@ -8,7 +8,17 @@ processes (at most two shards per worker in flight, so memory stays bounded). A 
 tokenized again; the manifest is written last, and its presence means the tokens are complete:
 
     tokens/<key>/manifest.json: {"rows", "shards", "shard_rows", "tokens", "response_tokens", "longest_row",
-                                 "truncated_rows", "digests": [sha256 per shard], "digest": sha256 of them all}
+                                 "truncated_rows", "invalid_rows", "digests": [sha256 per shard],
+                                 "digest": sha256 of them all}
+
+`rows` counts every input row, so the shard plan of input positions holds. With `skip_invalid`, a row that cannot
+be loaded or tokenized (an `InputError`) is left out of its token shard and recorded instead in
+`tokens/<key>/invalid-NNNNN.arrow` beside it (`row`, `field`, `problem`; written before the token shard, whose
+presence still means the shard is complete; absent when the shard has none). The row ids of the valid rows stay
+their input positions; `select` writes the invalid rows to OUTPUT-rejected with `reason = "invalid: ..."`.
+A shard's digest is its tokens' digest, and, only when it has invalid rows, mixed with their row ids, so tokens
+without invalid rows keep their digest. `max_invalid` stops the run once more rows than that were invalid, with
+the `InputError` of the first row over the limit.
 """
 
 from __future__ import annotations
@@ -26,8 +36,9 @@ import numpy as np
 import pyarrow as pa
 
 from toss_filter.config import ScoreConfig
-from toss_filter.data.load import Message, count_rows, load_conversations
+from toss_filter.data.load import Message, count_rows, iter_conversations, load_conversations
 from toss_filter.data.tokenize import IGNORE_INDEX, ConversationTokenizer, tokenize_rows
+from toss_filter.errors import InputError
 from toss_filter.files import atomic_write_text
 from toss_filter.plan import read_table, write_table
 from toss_filter.run import RunDir, content_key, list_column, tokens_digest
@@ -63,23 +74,97 @@ def tokens_key(config: ScoreConfig, encode: ConversationTokenizer) -> str:
         "columns": config.columns, "template": encode.chat_format.template,
         "add_special_tokens": encode.chat_format.add_special_tokens, "tokenizer": tokenizer_identity(encode),
         "max_length": config.max_length, "shard_rows": config.shard_rows,
+        **({"skip_invalid": True} if config.skip_invalid else {}),  # absent when off: keys made before stay valid
     })
 
 
-def shard_summary(table: pa.Table) -> dict[str, Any]:
-    """What the manifest records of one token shard."""
+INVALID_SCHEMA = pa.schema([("row", pa.int64()), ("field", pa.string()), ("problem", pa.string())])
+
+
+def invalid_path(token_shard: Path) -> Path:
+    """Where the invalid rows of a token shard are recorded: `invalid-NNNNN.arrow` beside `shard-NNNNN.arrow`."""
+    return token_shard.with_name(token_shard.name.replace("shard-", "invalid-", 1))
+
+
+def read_invalid(token_shard: Path) -> pa.Table:
+    """The invalid rows of a token shard (`INVALID_SCHEMA`, by row), empty if it has none."""
+    path = invalid_path(token_shard)
+    return read_table(path) if path.exists() else INVALID_SCHEMA.empty_table()
+
+
+def invalid_reason(field: str | None, problem: str) -> str:
+    """The `reason` of an invalid row in OUTPUT-rejected: one line."""
+    return " ".join(f"invalid: {f'field {field!r}: ' if field else ''}{problem}".split())
+
+
+def shard_summary(table: pa.Table, invalid: pa.Table | None = None) -> dict[str, Any]:
+    """What the manifest records of one token shard (and of its invalid rows, if any)."""
     labels, offsets = list_column(table, "labels")
     lengths = np.diff(offsets)
-    return {"digest": tokens_digest(table), "rows": table.num_rows, "tokens": int(offsets[-1]),
+    invalid_rows = invalid.num_rows if invalid is not None else 0
+    digest = tokens_digest(table)
+    if invalid_rows:
+        mixed = hashlib.sha256(digest.encode())
+        mixed.update(np.ascontiguousarray(invalid.column("row").to_numpy(), dtype=np.int64).tobytes())
+        digest = mixed.hexdigest()
+    return {"digest": digest, "rows": table.num_rows + invalid_rows, "tokens": int(offsets[-1]),
             "response_tokens": int((labels != IGNORE_INDEX).sum()), "longest_row": int(lengths.max(initial=0)),
-            "truncated_rows": int(pa.compute.sum(table.column("truncated")).as_py() or 0)}
+            "truncated_rows": int(pa.compute.sum(table.column("truncated")).as_py() or 0),
+            "invalid_rows": invalid_rows}
 
 
-def _write_shard(path: Path, items: list[tuple[int, list[Message]]], source: str,
-                 encode: ConversationTokenizer | None = None) -> dict[str, Any]:
-    table = tokenize_rows(items, encode or _worker_encode, source)
+def tokenize_valid_rows(items: list[tuple[int, list[Message] | InputError]], encode: ConversationTokenizer,
+                        source: str) -> tuple[pa.Table, pa.Table]:
+    """`tokenize_rows` of the rows that load and tokenize, and the others (an `InputError` from loading or
+    tokenizing) as an `INVALID_SCHEMA` table."""
+    tokenized, invalid = [], []
+    for row, messages in items:
+        if not isinstance(messages, InputError):
+            try:
+                tokenized.append((row, encode(messages, source, row)))
+                continue
+            except InputError as err:
+                messages = err
+        invalid.append((row, messages.field, messages.problem))
+    # The rows are tokenized already: `tokenize_rows` only lays them out as its table (an encoder that returns them).
+    table = tokenize_rows(tokenized, lambda tokens, _source, _row: tokens, source)
+    rows, fields, problems = zip(*invalid) if invalid else ((), (), ())
+    return table, pa.table({"row": pa.array(rows, pa.int64()), "field": pa.array(fields, pa.string()),
+                            "problem": pa.array(problems, pa.string())}, schema=INVALID_SCHEMA)
+
+
+def _write_shard(path: Path, items: list[tuple[int, Any]], source: str, encode: ConversationTokenizer | None = None,
+                 skip_invalid: bool = False) -> dict[str, Any]:
+    encode = encode or _worker_encode
+    if not skip_invalid:
+        table, invalid = tokenize_rows(items, encode, source), None
+    else:
+        table, invalid = tokenize_valid_rows(items, encode, source)
+        if invalid.num_rows:  # before the token shard, whose presence means the shard is complete
+            write_table(invalid_path(path), invalid)
+        else:
+            invalid_path(path).unlink(missing_ok=True)
     write_table(path, table)
-    return shard_summary(table)
+    return shard_summary(table, invalid)
+
+
+def _check_max_invalid(summaries: list[Future | dict[str, Any]], paths: list[Path], max_invalid: int | None,
+                       source: str) -> None:
+    """Raise the `InputError` of the first invalid row over `max_invalid`, counting the shards that are done, in
+    order (so the row named is the same however many processes tokenize)."""
+    if max_invalid is None:
+        return
+    seen = 0
+    for summary, path in zip(summaries, paths):
+        if isinstance(summary, Future):
+            if not summary.done():
+                return
+            summary = summary.result()
+        if seen + summary["invalid_rows"] > max_invalid:
+            first_over = read_invalid(path).slice(max_invalid - seen, 1).to_pylist()[0]
+            raise InputError(source, first_over["row"], first_over["field"],
+                             f"{first_over['problem']} (more than --max-invalid {max_invalid} invalid rows)")
+        seen += summary["invalid_rows"]
 
 
 def _init_worker(encode: ConversationTokenizer) -> None:
@@ -100,9 +185,16 @@ def tokenize_step(config: ScoreConfig, encode: ConversationTokenizer, run: RunDi
     key = tokens_key(config, encode)
     manifest = run.tokens_manifest(key)
     if manifest is not None:
+        if manifest.get("invalid_rows") and config.max_invalid is not None:
+            _check_max_invalid([{"invalid_rows": read_invalid(run.token_shard(key, shard)).num_rows}
+                                for shard in range(manifest["shards"])],
+                               [run.token_shard(key, shard) for shard in range(manifest["shards"])],
+                               config.max_invalid, config.input)
         return key, manifest
-    conversations = load_conversations(config.input, config.split, config.columns, config.name)
+    load = iter_conversations if config.skip_invalid else load_conversations
+    conversations = load(config.input, config.split, config.columns, config.name)
     summaries: list[Future | dict[str, Any]] = []
+    paths: list[Path] = []
     # fork where there is one: spawn would re-import the caller's __main__, which a script without a main guard
     # cannot survive; the workers only tokenize (no torch, no tokenizer thread pool), so forking them is safe.
     method = "fork" if "fork" in get_all_start_methods() else "spawn"
@@ -113,24 +205,34 @@ def tokenize_step(config: ScoreConfig, encode: ConversationTokenizer, run: RunDi
                       show_progress) as progress:
             for shard, items in enumerate(_batched(conversations, config.shard_rows)):
                 path = run.token_shard(key, shard)
+                paths.append(path)
                 if path.exists():
-                    summaries.append(shard_summary(read_table(path)))
+                    summaries.append(shard_summary(read_table(path), read_invalid(path)))
                 elif pool is None:
-                    summaries.append(_write_shard(path, items, config.input, encode))
+                    summaries.append(_write_shard(path, items, config.input, encode, config.skip_invalid))
                 else:
                     in_flight = [s for s in summaries if isinstance(s, Future) and not s.done()]
                     if len(in_flight) >= 2 * config.num_proc:
                         in_flight[0].result()
-                    summaries.append(pool.submit(_write_shard, path, items, config.input))
+                    summaries.append(pool.submit(_write_shard, path, items, config.input, None,
+                                                 config.skip_invalid))
+                _check_max_invalid(summaries, paths, config.max_invalid, config.input)
                 progress.advance(len(items))
             summaries = [s.result() if isinstance(s, Future) else s for s in summaries]
+            _check_max_invalid(summaries, paths, config.max_invalid, config.input)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+    invalid_rows = sum(s["invalid_rows"] for s in summaries)
+    if summaries and invalid_rows == sum(s["rows"] for s in summaries):
+        first = read_invalid(paths[0]).slice(0, 1).to_pylist()[0]
+        raise InputError(config.input, first["row"], first["field"],
+                         f"{first['problem']} (and every other row is invalid too: nothing to filter)")
     digests = [s["digest"] for s in summaries]
     manifest = {
         "rows": sum(s["rows"] for s in summaries), "shards": len(summaries), "shard_rows": config.shard_rows,
-        **{field: sum(s[field] for s in summaries) for field in ("tokens", "response_tokens", "truncated_rows")},
+        **{field: sum(s[field] for s in summaries)
+           for field in ("tokens", "response_tokens", "truncated_rows", "invalid_rows")},
         "longest_row": max((s["longest_row"] for s in summaries), default=0),
         "digests": digests, "digest": hashlib.sha256("".join(digests).encode()).hexdigest(),
     }
