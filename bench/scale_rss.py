@@ -402,6 +402,14 @@ def _meta_a(shard_rows: int, work: Path) -> dict[str, Any]:
             "shard_rows": shard_rows, "row_tokens": [ROW_MIN, ROW_MAX], "work": str(work), "machine": _machine()}
 
 
+def flatness(result: dict[str, Any]) -> list[str]:
+    """The table's footer: how much peak RSS grew from the smallest N to the largest."""
+    if "peak_rss_ratio_largest_over_smallest" not in result:
+        return []
+    return [f"\npeak RSS largest/smallest N: {result['peak_rss_ratio_largest_over_smallest']}; flat within 20%: "
+            f"{result['flat_within_20_percent']}"]
+
+
 def table_a(result: dict[str, Any]) -> str:
     lines = ["| N tokens | shards | wall s | peak RSS MiB | s per 10^8 tokens | in-process select + write s | "
              "in-process s per 10^8 tokens | CPU pressure |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -412,10 +420,7 @@ def table_a(result: dict[str, Any]) -> str:
                          f"{e['in_process_s_per_1e8_tokens']:.1f} | {e.get('cpu_pressure_some_share')} |")
         else:
             lines.append(f"| {e['tokens_target']:,} | - | - | - | - | - | - | - ({e.get('error', '').splitlines()[0][:80]}) |")
-    if "peak_rss_ratio_largest_over_smallest" in result:
-        lines.append(f"\npeak RSS largest/smallest N: {result['peak_rss_ratio_largest_over_smallest']}; flat within "
-                     f"20%: {result['flat_within_20_percent']}")
-    return "\n".join(lines)
+    return "\n".join(lines + flatness(result))
 
 
 # ---------------------------------------------------------------- part B: the whole pipeline, tiny model
@@ -543,10 +548,7 @@ def table_b(result: dict[str, Any]) -> str:
                          f"{e['s_per_1e6_tokens']:.1f} | {e.get('cpu_pressure_some_share')} |")
         else:
             lines.append(f"| {e['tokens_target']:,} | - | - | - | - | - | - | - | - (failed) |")
-    if "peak_rss_ratio_largest_over_smallest" in result:
-        lines.append(f"\npeak RSS largest/smallest N: {result['peak_rss_ratio_largest_over_smallest']}; flat within "
-                     f"20%: {result['flat_within_20_percent']}")
-    return "\n".join(lines)
+    return "\n".join(lines + flatness(result))
 
 
 def main() -> None:
