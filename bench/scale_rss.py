@@ -327,7 +327,7 @@ def synthetic_run(n: int, shard_rows: int, work: Path) -> tuple[Path, dict[str, 
         "score_config": {"input": f"synthetic:scale_rss:{plan.rows}", "shard_rows": shard_rows, "synthetic": True},
         "device": "cpu", "dtype": "torch.float32", "scorer": None,
         "provenance": {"executor": "synthetic (bench/scale_rss.py)", "shard_slice": "0/1"},
-        "timings": {"tokenize_s": 0.0, "load_models_s": None, "score_s": 0.0, "tokens_scored_this_run": 0,
+        "timings": {"tokenize_s": 0.0, "load_models_s": None, "score_s": 0.0, "model_tokens_scored_this_run": 0,
                     "model_tokens_per_s": None},
     })
     generated = time.perf_counter() - started

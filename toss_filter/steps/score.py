@@ -217,7 +217,7 @@ def score_step(config: ScoreConfig, executor: Executor, show_progress: bool = Tr
             "tokenize_s": round(tokenize_s, 3),
             "load_models_s": result.get("load_models_s"),
             "score_s": round(result["score_s"], 3),
-            "tokens_scored_this_run": result["tokens"] // 2,
+            "model_tokens_scored_this_run": result["tokens"],  # tokens × roles: a resumed run may score one role
             "model_tokens_per_s": round(result["tokens"] / max(result["score_s"], 1e-9), 1) if missing else None,
         },
     }
