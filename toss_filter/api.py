@@ -38,10 +38,9 @@ def _on_executor(executor: ExecutorConfig | None, work: Callable[[Any], dict[str
 def _locked(score: ScoreConfig | None = None, select: SelectConfig | None = None) -> Iterator[None]:
     """Hold the locks of `score`'s run directory (its slice's, for a shard slice) and of `select`'s run directory
     and output, released on the way out whatever happens."""
+    from toss_filter.files import sweep_leftovers
     from toss_filter.lock import output_lock, run_dir_lock
     from toss_filter.plan import parse_slice
-
-    from toss_filter.files import sweep_leftovers
 
     with ExitStack() as stack:
         if score is not None:

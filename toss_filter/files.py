@@ -67,15 +67,23 @@ def temp_file(target: Path) -> str:
     return tmp
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = temp_file(path)
+@contextmanager
+def atomic_file(path: Path | str) -> Iterator[Path]:
+    """A temporary file beside `path` to write into; renamed to `path` when the block ends without an error, and
+    removed when it raises, so `path` appears only complete. Write errors name `path` (`writing`)."""
+    tmp = Path(temp_file(Path(path)))
     try:
         with writing(path):
-            Path(tmp).write_text(text, encoding="utf-8")
+            yield tmp
             os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def is_marked(directory: Path) -> bool:

@@ -14,14 +14,13 @@ to the shard while every count across shards is an int64.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 
 from toss_filter.errors import ConfigError
-from toss_filter.files import temp_file, writing
+from toss_filter.files import atomic_file
 
 SHARD_NAME = "shard-{:05d}.arrow"
 
@@ -67,15 +66,8 @@ def shard_path(directory: Path, shard: int) -> Path:
 def write_table(path: Path, table: pa.Table) -> None:
     """Write `table` as an Arrow IPC file at `path`, complete or not at all (a full disk or a read-only target is
     a `WriteError` naming `path`, and leaves no temporary file)."""
-    tmp = temp_file(path)
-    try:
-        with writing(path):
-            with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-                writer.write_table(table)
-            os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
 
 
 def read_table(path: Path) -> pa.Table:

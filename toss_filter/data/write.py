@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator
@@ -54,8 +53,8 @@ from datasets.utils.py_utils import asdict
 
 from toss_filter.data.tokenize import IGNORE_INDEX
 from toss_filter.errors import ConfigError, TossError
-from toss_filter.files import (atomic_write_text, check_free_space, check_replaceable, mark_dir, replace_dir,
-                               staging_dir, temp_file, writing)
+from toss_filter.files import (atomic_file, atomic_write_text, check_free_space, check_replaceable, mark_dir,
+                               replace_dir, staging_dir, writing)
 
 OUTPUT_FORMATS = ("arrow", "parquet", "jsonl", "torchtune")
 # Bytes of a single-file export per byte of the staged Arrow shards, at most (free space is checked against it):
@@ -280,17 +279,10 @@ class ShardedDataset:
 def _write_stream(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> None:
     """An Arrow IPC stream file of `batches` at `path`, by a temporary file and a rename. Empty batches are left
     out: a 0-row shard is the schema alone, as datasets writes it, and loads as 0 rows."""
-    tmp = temp_file(path)
-    try:
-        with writing(path):
-            with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-                for batch in batches:
-                    if batch.num_rows:
-                        writer.write_batch(batch)
-            os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for batch in batches:
+            if batch.num_rows:
+                writer.write_batch(batch)
 
 
 def _read_stream(path: Path) -> Iterator[pa.RecordBatch]:
@@ -361,15 +353,9 @@ def export(data: ShardedDataset, target: Path, format: str = "arrow", emit_assis
     write = write_jsonl if format == "jsonl" else write_parquet
     check_free_space(target, int(EXPORT_SIZE[format] * sum(data.path(shard).stat().st_size
                                                            for shard in range(data.shards))))
-    tmp = Path(temp_file(target))
-    try:
-        with writing(target):
-            write(data.batches(ROW_GROUP_ROWS), data.schema.remove_metadata(), tmp, convert)
-            check_output(target, format, emit_assistant_masks)  # again: what is there now, right before the move
-            os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(target) as tmp:
+        write(data.batches(ROW_GROUP_ROWS), data.schema.remove_metadata(), tmp, convert)
+        check_output(target, format, emit_assistant_masks)  # again: what is there now, right before the move
     shutil.rmtree(data.staging)
     return target
 
