@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +54,11 @@ class ScoredShard:
     nll_safety: np.ndarray
     nll_utility: np.ndarray
 
-    @property
+    @cached_property
     def token_row(self) -> np.ndarray:
         return np.repeat(np.arange(len(self.row_ids)), np.diff(self.offsets))
 
-    @property
+    @cached_property
     def response(self) -> np.ndarray:
         return np.flatnonzero(self.labels != IGNORE_INDEX)
 
@@ -105,10 +105,9 @@ def write_shard(reader: ShardReader, decision: Decision, staging: str, shards: i
                 assistant_masks: bool, shard: int) -> dict[str, Any]:
     """Mask shard `shard` by `decision` and write its three shard files (unless complete); return its counts."""
     data = reader.read(shard)
-    response, token_row = data.response, data.token_row
-    response_per_row = np.bincount(token_row[response], minlength=len(data.row_ids))
-    unsafe = decision.unsafe(shard, ResponseShard(data.score[response], response_per_row.astype(np.int64),
-                                                  data.row_ids))
+    response, token_row, responses = data.response, data.token_row, data.response_shard()
+    response_per_row = responses.response_per_row
+    unsafe = decision.unsafe(shard, responses)
     new_labels = data.labels.astype(np.int64)
     new_labels[response[unsafe]] = IGNORE_INDEX
     position = positions_in_rows(np.diff(data.offsets))
