@@ -261,3 +261,19 @@ def test_progress_line_format_rate_eta_and_what_silences_it(monkeypatch, capsys)
             now[0] += 1_000
             bar.advance(4, tokens=10)
     assert capsys.readouterr().err == ""
+
+
+def test_limit_reads_tokenizes_and_scores_only_the_first_rows(tmp_path, data, tiny_models):
+    from toss_filter.config import ScoreConfig
+    from toss_filter.steps.tokenize import rows_to_read
+
+    run_dir = tmp_path / "run"
+    invoke(*filter_args(data, tiny_models, tmp_path / "out"), "--run-dir", run_dir, "--limit", "2", "--no-report")
+    stats = json.loads((run_dir / "stats.json").read_text())
+    assert stats["rows_in"] == 2 and len(load_from_disk(str(tmp_path / "out"))) == 2
+    assert rows_to_read(ScoreConfig(str(data), "s", "u", str(run_dir), limit=2)) == 2  # progress says 2, not 6
+    # the limit is part of the tokens key: the same run directory without it tokenizes every row anew
+    stdout = invoke("score", data, "--safety-model", tiny_models["safety"], "--utility-model", tiny_models["utility"],
+                    "--run-dir", run_dir, "--device", "cpu")
+    assert f"scored {len(ROWS)} rows" in stdout
+    assert len(list((run_dir / "tokens").iterdir())) == 2

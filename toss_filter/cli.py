@@ -19,6 +19,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from toss_filter.config import ExecutorConfig, RefineConfig, ScoreConfig, SelectConfig
+from toss_filter.default_model import EMBEDDED_MODEL_ID
 from toss_filter.errors import ConfigError, TossError
 from toss_filter.run import default_run_dir
 
@@ -44,6 +45,7 @@ Column = Annotated[Optional[list[str]], typer.Option("--column", help="Rename an
 Template = Annotated[str, typer.Option("--template", help="chat (the model's chat template), paper (Human:/Assistant: as in the TOSS experiments), or a Jinja file.")]
 MaxLength = Annotated[Optional[int], typer.Option("--max-length", help="Truncate rows to N tokens; stats.json counts the truncated rows.")]
 SkipInvalid = Annotated[bool, typer.Option("--skip-invalid", help="A row that cannot be read or tokenized goes to OUTPUT-rejected (reason \"invalid: ...\") instead of stopping the run (even with --keep-empty: it has no tokens); stats.json counts rows_invalid.")]
+Limit = Annotated[Optional[int], typer.Option("--limit", help="Read, tokenize and score only the first N input rows (a trial run).")]
 MaxInvalid = Annotated[Optional[int], typer.Option("--max-invalid", help="With --skip-invalid: stop anyway (exit 2, naming the row) once more than N rows are invalid.")]
 Backend = Annotated[str, typer.Option("--backend", help="Scoring backend: torch (transformers) or vllm (needs vLLM installed; see docs/vllm.md).")]
 MergeAdapters = Annotated[bool, typer.Option("--merge-adapters", help="vllm: merge LoRA adapters into full weights (cached in the run directory) instead of serving them as LoRA. Needed for adapters that touch lm_head/embed_tokens; always done on CPU.")]
@@ -244,7 +246,7 @@ def filter_command(
     input: Input, safety_model: SafetyModel, utility_model: UtilityModel, output: Output,
     base_model: BaseModel = None, ratio: Ratio = 0.2, backend: Backend = "torch", keep_empty: KeepEmpty = False,
     run_dir: RunDirOpt = None, template: Template = "chat", max_length: MaxLength = None, scope: Scope = "global",
-    skip_invalid: SkipInvalid = False, max_invalid: MaxInvalid = None,
+    skip_invalid: SkipInvalid = False, max_invalid: MaxInvalid = None, limit: Limit = None,
     threshold: Threshold = None, split: Split = None, column: Column = None, dtype: Dtype = "auto",
     device: Device = "auto", max_batch_tokens: BatchTokens = None, shard_rows: ShardRows = 1000,
     trust_remote_code: RemoteCode = False, allow_pickle_weights: AllowPickle = False,
@@ -298,7 +300,7 @@ def score_command(
     run_dir: Annotated[Path, typer.Option("--run-dir", help="Where tokens and score shards go; re-running resumes.")],
     base_model: BaseModel = None, backend: Backend = "torch", template: Template = "chat",
     max_length: MaxLength = None, skip_invalid: SkipInvalid = False, max_invalid: MaxInvalid = None,
-    split: Split = None, column: Column = None, dtype: Dtype = "auto",
+    limit: Limit = None, split: Split = None, column: Column = None, dtype: Dtype = "auto",
     device: Device = "auto", max_batch_tokens: BatchTokens = None, shard_rows: ShardRows = 1000,
     trust_remote_code: RemoteCode = False, allow_pickle_weights: AllowPickle = False,
     merge_adapters: MergeAdapters = False, verify: Verify = 0,
@@ -395,6 +397,57 @@ def _push(output: Path, repo_id: str, run_dir: Path, private: bool, revision: st
     result = _run(lambda: push_output(output, repo_id, run_dir, private=private, revision=revision, token=token))
     if not quiet:
         typer.echo(f"pushed:   {result['rows']} rows to {result['url']} ({result['revision']})")
+
+
+@app.command("inspect")
+def inspect_command(
+    input: Input, template: Template = "chat",
+    rows: Annotated[int, typer.Option("--rows", min=1, help="How many rows to show, from the first.")] = 3,
+    tokenizer: Annotated[str, typer.Option("--tokenizer", help="The model or adapter directory (or Hub name) whose tokenizer and chat template to use: the one you will pass as --safety-model.")] = EMBEDDED_MODEL_ID,
+    base_model: BaseModel = None, max_length: MaxLength = None, split: Split = None, column: Column = None,
+    name: DatasetName = None, trust_remote_code: RemoteCode = False,
+    score_reasoning: Annotated[bool, typer.Option("--score-reasoning/--no-score-reasoning", help="Show reasoning tokens as scored, or as trained but not scored (as filter --no-score-reasoning).")] = True,
+    verbose: Verbose = False,
+) -> None:
+    """Show the first rows as `filter` tokenizes them, response tokens highlighted, with their counts. Loads the
+    tokenizer only, no model."""
+    from rich.console import Console
+
+    from toss_filter.data.tokenize import ConversationTokenizer, resolve_format
+    from toss_filter.inspect import inspect_rows, render
+    from toss_filter.score.models import load_tokenizer, resolve_spec
+
+    def action() -> Any:
+        # allow_pickle: no weights load here, so a pickle-only model directory is no risk
+        loaded = load_tokenizer(resolve_spec("tokenizer", tokenizer, base_model, allow_pickle=True), trust_remote_code)
+        encode = ConversationTokenizer(loaded, resolve_format(loaded, template), max_length, score_reasoning)
+        return render(inspect_rows(input, encode, rows, split, _columns(column), name), loaded)
+
+    Console().print(_run(action))
+
+
+@app.command("estimate")
+def estimate_command(
+    input: Input, safety_model: SafetyModel, utility_model: UtilityModel, base_model: BaseModel = None,
+    template: Template = "chat", max_length: MaxLength = None, limit: Limit = None, split: Split = None,
+    column: Column = None, name: DatasetName = None, dtype: Dtype = "auto", device: Device = "auto",
+    max_batch_tokens: BatchTokens = None, trust_remote_code: RemoteCode = False,
+    allow_pickle_weights: AllowPickle = False,
+    measure: Annotated[bool, typer.Option("--measure/--no-measure", help="Measure the scoring rate here (a few seconds of forward passes of the real references on a sample of the rows), or use --rate.")] = True,
+    rate: Annotated[Optional[float], typer.Option("--rate", min=0.001, help="With --no-measure: model tokens/s to estimate with (e.g. model_tokens_per_s of an earlier run.json).")] = None,
+    quiet: Quiet = False, verbose: Verbose = False, config: ConfigFile = None,
+) -> None:
+    """Rows, tokens, the longest row against the references' context, and about how long and how much memory a
+    `filter` run of the same options would take (torch backend)."""
+    from toss_filter.estimate import describe, estimate_run
+
+    if measure == (rate is not None):
+        raise typer.BadParameter("give --rate with --no-measure, and only then", param_hint="--rate")
+    params = dict(locals())
+    # estimate writes nothing: the run directory of a ScoreConfig is not used
+    result = _run(lambda: estimate_run(_config(ScoreConfig, params, run_dir=""), rate, show_progress=not quiet))
+    for line in describe(result):
+        typer.echo(line)
 
 
 @app.command("report")

@@ -30,6 +30,7 @@ class ScoreConfig:
     - `max_length`: truncate rows to this many tokens (counted in stats.json).
     - `skip_invalid`: a row that cannot be loaded or tokenized goes to OUTPUT-rejected (`reason` "invalid: ...")
       instead of stopping the run; `max_invalid`: with it, stop anyway once more than this many rows are invalid.
+    - `limit`: read, tokenize and score only the first `limit` input rows (None: all of them).
 
     > Models
     - `safety_model`, `utility_model`: full HF model directories or PEFT LoRA adapter directories.
@@ -64,6 +65,7 @@ class ScoreConfig:
     max_length: int | None = None
     skip_invalid: bool = False
     max_invalid: int | None = None
+    limit: int | None = None
     backend: str = "torch"
     dtype: str = "auto"
     device: str = "auto"
@@ -94,6 +96,8 @@ class ScoreConfig:
             raise ConfigError(f"--gpu-memory-utilization must be within (0, 1], got {self.gpu_memory_utilization}")
         if self.max_invalid is not None and (not self.skip_invalid or self.max_invalid < 0):
             raise ConfigError("--max-invalid only applies with --skip-invalid, and must be 0 or more")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be 1 or more, got {self.limit}")
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError("--max-length must be at least 2")
         if (self.max_batch_tokens is not None and self.max_batch_tokens < 1) or self.shard_rows < 1 or self.num_proc < 1:

@@ -75,6 +75,7 @@ def tokens_key(config: ScoreConfig, encode: ConversationTokenizer) -> str:
         "add_special_tokens": encode.chat_format.add_special_tokens, "tokenizer": tokenizer_identity(encode),
         "max_length": config.max_length, "shard_rows": config.shard_rows,
         **({"skip_invalid": True} if config.skip_invalid else {}),  # absent when off: keys made before stay valid
+        **({"limit": config.limit} if config.limit is not None else {}),  # likewise
     })
 
 
@@ -167,6 +168,12 @@ def _check_max_invalid(summaries: list[Future | dict[str, Any]], paths: list[Pat
         seen += summary["invalid_rows"]
 
 
+def rows_to_read(config: ScoreConfig) -> int | None:
+    """How many input rows the run reads (for progress): `limit` if set (the input is not counted then: counting
+    can mean reading all of it), else the input's row count, or None if unknown."""
+    return config.limit if config.limit is not None else count_rows(config.input, config.split, config.name)
+
+
 def _init_worker(encode: ConversationTokenizer) -> None:
     global _worker_encode
     _worker_encode = encode
@@ -192,7 +199,7 @@ def tokenize_step(config: ScoreConfig, encode: ConversationTokenizer, run: RunDi
                                config.max_invalid, config.input)
         return key, manifest
     load = iter_conversations if config.skip_invalid else load_conversations
-    conversations = load(config.input, config.split, config.columns, config.name)
+    conversations = islice(load(config.input, config.split, config.columns, config.name), config.limit)
     summaries: list[Future | dict[str, Any]] = []
     paths: list[Path] = []
     # fork where there is one: spawn would re-import the caller's __main__, which a script without a main guard
@@ -201,8 +208,7 @@ def tokenize_step(config: ScoreConfig, encode: ConversationTokenizer, run: RunDi
     pool = (ProcessPoolExecutor(config.num_proc, mp_context=get_context(method), initializer=_init_worker,
                                 initargs=(encode,)) if config.num_proc > 1 else None)
     try:
-        with Progress("tokenize", count_rows(config.input, config.split, config.name), "rows",
-                      show_progress) as progress:
+        with Progress("tokenize", rows_to_read(config), "rows", show_progress) as progress:
             for shard, items in enumerate(_batched(conversations, config.shard_rows)):
                 path = run.token_shard(key, shard)
                 paths.append(path)
