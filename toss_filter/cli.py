@@ -46,6 +46,7 @@ Template = Annotated[str, typer.Option("--template", help="chat (the model's cha
 MaxLength = Annotated[Optional[int], typer.Option("--max-length", help="Truncate rows to N tokens; stats.json counts the truncated rows.")]
 SkipInvalid = Annotated[bool, typer.Option("--skip-invalid", help="A row that cannot be read or tokenized goes to OUTPUT-rejected (reason \"invalid: ...\") instead of stopping the run (even with --keep-empty: it has no tokens); stats.json counts rows_invalid.")]
 Limit = Annotated[Optional[int], typer.Option("--limit", help="Read, tokenize and score only the first N input rows (a trial run).")]
+ScoreReasoning = Annotated[bool, typer.Option("--score-reasoning/--no-score-reasoning", help="Score reasoning (reasoning_content, <think> blocks) like the rest of each response. --no-score-reasoning keeps it out of the scores and the masking; the output still trains on it.")]
 MaxInvalid = Annotated[Optional[int], typer.Option("--max-invalid", help="With --skip-invalid: stop anyway (exit 2, naming the row) once more than N rows are invalid.")]
 Backend = Annotated[str, typer.Option("--backend", help="Scoring backend: torch (transformers) or vllm (needs vLLM installed; see docs/vllm.md).")]
 MergeAdapters = Annotated[bool, typer.Option("--merge-adapters", help="vllm: merge LoRA adapters into full weights (cached in the run directory) instead of serving them as LoRA. Needed for adapters that touch lm_head/embed_tokens; always done on CPU.")]
@@ -247,6 +248,7 @@ def filter_command(
     base_model: BaseModel = None, ratio: Ratio = 0.2, backend: Backend = "torch", keep_empty: KeepEmpty = False,
     run_dir: RunDirOpt = None, template: Template = "chat", max_length: MaxLength = None, scope: Scope = "global",
     skip_invalid: SkipInvalid = False, max_invalid: MaxInvalid = None, limit: Limit = None,
+    score_reasoning: ScoreReasoning = True,
     threshold: Threshold = None, split: Split = None, column: Column = None, dtype: Dtype = "auto",
     device: Device = "auto", max_batch_tokens: BatchTokens = None, shard_rows: ShardRows = 1000,
     trust_remote_code: RemoteCode = False, allow_pickle_weights: AllowPickle = False,
@@ -300,6 +302,7 @@ def score_command(
     run_dir: Annotated[Path, typer.Option("--run-dir", help="Where tokens and score shards go; re-running resumes.")],
     base_model: BaseModel = None, backend: Backend = "torch", template: Template = "chat",
     max_length: MaxLength = None, skip_invalid: SkipInvalid = False, max_invalid: MaxInvalid = None,
+    score_reasoning: ScoreReasoning = True,
     limit: Limit = None, split: Split = None, column: Column = None, dtype: Dtype = "auto",
     device: Device = "auto", max_batch_tokens: BatchTokens = None, shard_rows: ShardRows = 1000,
     trust_remote_code: RemoteCode = False, allow_pickle_weights: AllowPickle = False,
@@ -464,6 +467,36 @@ def report_command(
     path = _run(lambda: write_report(run_dir, output or run_dir / "report.html", rows_shown=rows, seed=seed))
     if not quiet:
         typer.echo(f"report:   {path}")
+
+
+@app.command("eval-refs")
+def eval_refs_command(
+    inputs: Annotated[list[str], typer.Argument(help="Labelled JSONL files (any row shape `filter` reads), filtered together in this order.")],
+    safety_model: SafetyModel, utility_model: UtilityModel,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for input.jsonl, run/ (resumable), filtered/, eval-refs.json and eval-refs.png.")],
+    base_model: BaseModel = None, ratio: Ratio = 0.2,
+    label_column: Annotated[str, typer.Option("--label-column", help="The field naming each row's group.")] = "label",
+    positive: Annotated[str, typer.Option("--positive", help="The group the references should flag; every other group is compared with it.")] = "harmful",
+    template: Template = "chat", max_length: MaxLength = None, dtype: Dtype = "auto", device: Device = "auto",
+    max_batch_tokens: BatchTokens = None, trust_remote_code: RemoteCode = False,
+    allow_pickle_weights: AllowPickle = False, quiet: Quiet = False, verbose: Verbose = False,
+) -> None:
+    """Measure how well two references separate a positive group (harmful) from every other group of labelled
+    rows, through the real pipeline at --ratio: masked share per group, AUROC of the per-row masked share and
+    mean score, and the share of rows losing more than half their response tokens."""
+    from toss_filter.eval_refs import EvalRefsConfig, evaluate_references, summary_table
+
+    params = dict(locals())
+    result = _run(lambda: evaluate_references(_config(EvalRefsConfig, params), show_progress=not quiet))
+    if not quiet:
+        from rich.console import Console
+
+        Console().print(summary_table(result))
+        typer.echo(f"json:     {output / 'eval-refs.json'}")
+    if "plot_skipped" in result:
+        typer.echo(f"plot:     skipped: {result['plot_skipped']}", err=True)
+    elif not quiet:
+        typer.echo(f"plot:     {result['plot']}")
 
 
 def _write_report(run_dir: Path) -> Path:

@@ -28,6 +28,8 @@ class ScoreConfig:
     - `columns`: canonical column → input column, e.g. `{"prompt": "question", "completion": "answer"}`.
     - `template`: `chat` (the model's chat template), `paper` (the authors' Human:/Assistant: format), or a Jinja file.
     - `max_length`: truncate rows to this many tokens (counted in stats.json).
+    - `score_reasoning`: score reasoning tokens like the rest of each response (default). False keeps them out of
+      the scores and the masking, while the output still trains on them.
     - `skip_invalid`: a row that cannot be loaded or tokenized goes to OUTPUT-rejected (`reason` "invalid: ...")
       instead of stopping the run; `max_invalid`: with it, stop anyway once more than this many rows are invalid.
     - `limit`: read, tokenize and score only the first `limit` input rows (None: all of them).
@@ -64,6 +66,7 @@ class ScoreConfig:
     template: str = "chat"
     max_length: int | None = None
     skip_invalid: bool = False
+    score_reasoning: bool = True
     max_invalid: int | None = None
     limit: int | None = None
     backend: str = "torch"

@@ -9,8 +9,17 @@ from pathlib import Path
 import pytest
 
 from conftest import assistant, chat, system, user, write_jsonl
-from toss_filter.data.load import load_conversations, read_records, to_messages
+from toss_filter.data.conversation import to_conversation
+from toss_filter.data.load import load_conversations, read_records
 from toss_filter.errors import InputError, TossError
+
+
+def to_messages(record, source, row, columns=None):
+    return to_conversation(record, source, row, columns).messages
+
+
+def loaded_messages(conversations) -> list:
+    return [(row, conversation.messages) for row, conversation in conversations]
 
 SRC = "data.jsonl"
 
@@ -30,10 +39,11 @@ def test_messages_multi_turn_with_system():
     ]
 
 
-def test_messages_keep_only_role_and_content_and_keep_whitespace():
+def test_messages_pass_other_keys_through_and_keep_whitespace():
+    """A key the loader does not know may be rendered by a template: it is never dropped."""
     record = {"messages": [{"role": "user", "content": "  Hi \n", "name": "x"},
                            {"role": "assistant", "content": " Yo ", "weight": 1}]}
-    assert to_messages(record, SRC, 0) == [user("  Hi \n"), assistant(" Yo ")]
+    assert to_messages(record, SRC, 0) == [{**user("  Hi \n"), "name": "x"}, {**assistant(" Yo "), "weight": 1}]
 
 
 def test_sharegpt_conversations():
@@ -96,7 +106,7 @@ def test_column_remapping_to_prompt_completion():
 
 def test_column_remapping_of_messages_column(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"dialog": chat("Hi", "Yo")["messages"]}])
-    assert list(load_conversations(str(path), columns={"messages": "dialog"})) == [(0, [user("Hi"), assistant("Yo")])]
+    assert loaded_messages(load_conversations(str(path), columns={"messages": "dialog"})) == [(0, [user("Hi"), assistant("Yo")])]
 
 
 def test_column_remapping_missing_actual_column_is_an_unknown_shape():
@@ -134,25 +144,25 @@ CHAT_EXPECTED = [(i, [user(f"question {i}"), assistant(f"answer {i}")]) for i in
 
 def test_jsonl_mixed_shapes_keep_order_and_row_indices(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", ROWS)
-    assert list(load_conversations(str(path))) == EXPECTED
+    assert loaded_messages(load_conversations(str(path))) == EXPECTED
 
 
 def test_jsonl_blank_lines_are_not_rows(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text("\n" + json.dumps(ROWS[0]) + "\n\n   \n" + json.dumps(ROWS[1]) + "\n\n", encoding="utf-8")
-    assert list(load_conversations(str(path))) == EXPECTED[:2]
+    assert loaded_messages(load_conversations(str(path))) == EXPECTED[:2]
 
 
 def test_ndjson_and_upper_case_suffix(tmp_path):
     for name in ("d.ndjson", "D.JSONL"):
         path = write_jsonl(tmp_path / name, ROWS[:2])
-        assert list(load_conversations(str(path))) == EXPECTED[:2]
+        assert loaded_messages(load_conversations(str(path))) == EXPECTED[:2]
 
 
 def test_json_list(tmp_path):
     path = tmp_path / "d.json"
     path.write_text(json.dumps(ROWS, indent=2), encoding="utf-8")
-    assert list(load_conversations(str(path))) == EXPECTED
+    assert loaded_messages(load_conversations(str(path))) == EXPECTED
 
 
 def test_parquet(tmp_path):
@@ -162,7 +172,7 @@ def test_parquet(tmp_path):
     path = tmp_path / "d.parquet"
     pq.write_table(pa.Table.from_pylist(CHAT_ROWS), path, row_group_size=2)  # several row groups
     assert pq.ParquetFile(path).num_row_groups == 3
-    assert list(load_conversations(str(path))) == CHAT_EXPECTED
+    assert loaded_messages(load_conversations(str(path))) == CHAT_EXPECTED
 
 
 def test_parquet_alpaca_with_null_input(tmp_path):
@@ -172,14 +182,14 @@ def test_parquet_alpaca_with_null_input(tmp_path):
     rows = [{"instruction": "a", "input": None, "output": "A"}, {"instruction": "b", "input": "x", "output": "B"}]
     path = tmp_path / "d.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
-    assert list(load_conversations(str(path))) == [(0, [user("a"), assistant("A")]), (1, [user("b\n\nx"), assistant("B")])]
+    assert loaded_messages(load_conversations(str(path))) == [(0, [user("a"), assistant("A")]), (1, [user("b\n\nx"), assistant("B")])]
 
 
 def test_save_to_disk_dataset(tmp_path):
     import datasets
 
     datasets.Dataset.from_list(CHAT_ROWS).save_to_disk(str(tmp_path / "ds"))
-    assert list(load_conversations(str(tmp_path / "ds"))) == CHAT_EXPECTED
+    assert loaded_messages(load_conversations(str(tmp_path / "ds"))) == CHAT_EXPECTED
 
 
 def test_save_to_disk_dataset_dict_with_split(tmp_path):
@@ -189,9 +199,9 @@ def test_save_to_disk_dataset_dict_with_split(tmp_path):
     datasets.DatasetDict({
         "train": datasets.Dataset.from_list(CHAT_ROWS), "test": datasets.Dataset.from_list(other),
     }).save_to_disk(str(tmp_path / "dd"))
-    assert list(load_conversations(str(tmp_path / "dd"))) == CHAT_EXPECTED  # default split: train
-    assert list(load_conversations(str(tmp_path / "dd"), split="train")) == CHAT_EXPECTED
-    assert list(load_conversations(str(tmp_path / "dd"), split="test")) == [
+    assert loaded_messages(load_conversations(str(tmp_path / "dd"))) == CHAT_EXPECTED  # default split: train
+    assert loaded_messages(load_conversations(str(tmp_path / "dd"), split="train")) == CHAT_EXPECTED
+    assert loaded_messages(load_conversations(str(tmp_path / "dd"), split="test")) == [
         (0, [user("test question"), assistant("test answer")])
     ]
 
@@ -205,7 +215,7 @@ def test_save_to_disk_dataset_dict_without_train_needs_a_split(tmp_path):
         list(load_conversations(str(tmp_path / "dd")))
     assert info.value.source == str(tmp_path / "dd")
     assert "--split" in str(info.value) and "['a', 'b']" in str(info.value)
-    assert list(load_conversations(str(tmp_path / "dd"), split="b")) == [(0, [user("question 1"), assistant("answer 1")])]
+    assert loaded_messages(load_conversations(str(tmp_path / "dd"), split="b")) == [(0, [user("question 1"), assistant("answer 1")])]
 
 
 def test_read_records_yields_plain_dicts_with_indices(tmp_path):
@@ -270,7 +280,7 @@ def test_unknown_role(tmp_path):
     assert (error.row, error.field) == (2, "messages[1].role")
     assert "unknown role 'bot'" in str(error)
     assert str(error) == (f"{tmp_path / 'd.jsonl'}: row 2: field 'messages[1].role': "
-                          "unknown role 'bot' (expected one of system, user, assistant)")
+                          "unknown role 'bot' (expected one of system, developer, user, assistant, tool, ipython)")
 
 
 def test_unknown_sharegpt_speaker(tmp_path):
@@ -304,17 +314,21 @@ def test_empty_completion_string(tmp_path):
     assert "empty assistant turn" in str(error)
 
 
-@pytest.mark.parametrize(("content", "type_name"), [(5, "int"), (["a", "b"], "list"), (None, "NoneType")])
-def test_content_of_wrong_type(tmp_path, content, type_name):
+@pytest.mark.parametrize(("content", "field", "problem"), [
+    (5, "messages[1].content", "expected a string or a list of text parts, got int"),
+    (["a", "b"], "messages[1].content[0]", "expected a content part"),
+    (None, "messages[1].content", "expected a string, got NoneType"),
+])
+def test_content_of_wrong_type(tmp_path, content, field, problem):
     error = bad_row(tmp_path, {"messages": [user("q"), {"role": "assistant", "content": content}]})
-    assert (error.row, error.field) == (2, "messages[1].content")
-    assert f"expected a string, got {type_name}" in str(error)
+    assert (error.row, error.field) == (2, field)
+    assert problem in str(error)
 
 
 def test_user_content_of_wrong_type(tmp_path):
     error = bad_row(tmp_path, {"messages": [{"role": "user", "content": 3.5}, assistant("a")]})
     assert (error.row, error.field) == (2, "messages[0].content")
-    assert "expected a string, got float" in str(error)
+    assert "expected a string or a list of text parts, got float" in str(error)
 
 
 def test_no_assistant_turn(tmp_path):
@@ -417,7 +431,7 @@ def test_good_rows_before_a_bad_row_are_yielded_first(tmp_path):
     """Rows are never skipped: iteration stops at the bad row, after yielding the good rows before it."""
     path = write_jsonl(tmp_path / "d.jsonl", [chat("a", "b"), {"text": "?"}, chat("c", "d")])
     iterator = load_conversations(str(path))
-    assert next(iterator) == (0, [user("a"), assistant("b")])
+    assert loaded_messages([next(iterator)]) == [(0, [user("a"), assistant("b")])]
     with pytest.raises(InputError) as info:
         next(iterator)
     assert info.value.row == 1
@@ -439,14 +453,14 @@ def test_parquet_mixing_row_shapes_reads_like_jsonl(tmp_path):
         "messages": [chat("q1", "a1")["messages"], None], "prompt": [None, "q2"], "completion": [None, "a2"],
     })
     pq.write_table(table, tmp_path / "mixed.parquet")
-    loaded = [messages for _, messages in load_conversations(str(tmp_path / "mixed.parquet"))]
+    loaded = [c.messages for _, c in load_conversations(str(tmp_path / "mixed.parquet"))]
     assert loaded == [[user("q1"), assistant("a1")], [user("q2"), assistant("a2")]]
 
 
 def test_a_byte_order_mark_is_tolerated(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_text(json.dumps(chat("q", "a")) + "\n", encoding="utf-8-sig")
-    assert [m for _, m in load_conversations(str(path))] == [[user("q"), assistant("a")]]
+    assert [c.messages for _, c in load_conversations(str(path))] == [[user("q"), assistant("a")]]
 
 
 def test_split_given_for_a_single_saved_dataset_is_an_error(tmp_path):

@@ -16,7 +16,6 @@ from toss_filter.data.tokenize import (
     Tokenized,
     check_tokenizer,
     resolve_format,
-    tokenize_conversation,
 )
 from toss_filter.errors import ConfigError, InputError
 
@@ -35,6 +34,10 @@ MULTI_TURN = [
     {"role": "user", "content": "What is 2+2?"},
     {"role": "assistant", "content": "It is 4, of course."},
 ]
+
+
+def tokenize_conversation(messages, tokenizer, chat_format, max_length=None, *, source="<input>", row=0) -> Tokenized:
+    return ConversationTokenizer(tokenizer, chat_format, max_length)(messages, source, row)
 
 
 def ids_of(rendered) -> list[int]:
@@ -123,11 +126,6 @@ def test_chatml_labels_are_each_assistant_content_and_im_end(tokenizer, chatml):
 def test_chatml_rendered_text_round_trips(tokenizer, chatml):
     tokens = tokenize_conversation(MULTI_TURN, tokenizer, chatml)
     assert tokenizer.decode(tokens.input_ids) == tokenizer.apply_chat_template(MULTI_TURN, tokenize=False)
-
-
-def test_conversation_tokenizer_matches_tokenize_conversation(tokenizer, chatml):
-    encode = ConversationTokenizer(tokenizer, chatml, max_length=None)
-    assert encode(MULTI_TURN, "x.jsonl", 3) == tokenize_conversation(MULTI_TURN, tokenizer, chatml)
 
 
 # ------------------------------------------------------------------------------------------------- Llama-3 style
@@ -324,8 +322,9 @@ def test_template_that_rewrites_content_is_an_input_error(tokenizer, tmp_path):
     with pytest.raises(InputError) as info:
         tokenize_conversation([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
                               tokenizer, fmt, source="d.jsonl", row=4)
-    assert (info.value.source, info.value.row, info.value.field) == ("d.jsonl", 4, "messages")
-    assert "the file:upper.jinja template renders this conversation in a way that depends on its content" in str(info.value)
+    assert (info.value.source, info.value.row, info.value.field) == ("d.jsonl", 4, "messages[0].content")
+    assert ("the file:upper.jinja template rewrites the text of messages[0].content (at character 6 it renders 'HI\\n"
+            "assistant: YO\\n' where the field reads 'hi')") in str(info.value)
 
 
 def test_slow_tokenizer_is_refused(tokenizer, chatml):

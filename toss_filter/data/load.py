@@ -1,8 +1,8 @@
 """Step 1, load: read rows from a file or dataset and normalise each one to a chat conversation.
 
-Contract: `load_conversations(source, ...)` yields `(row, messages)` for every input row, in input order,
-where `row` is the 0-based index of the row in the input and `messages` is a list of
-`{"role": "system" | "user" | "assistant", "content": str}` with at least one non-empty assistant turn.
+Contract: `load_conversations(source, ...)` yields `(row, conversation)` for every input row, in input order,
+where `row` is the 0-based index of the row in the input and `conversation` is a validated `Conversation`
+(`toss_filter.data.conversation`: the messages and tools exactly as the chat template will get them).
 A row that cannot be normalised raises `InputError` naming the source, the row and the field: rows are
 never skipped silently. `iter_conversations` yields the `InputError` of a bad row in its place instead (what
 `--skip-invalid` uses), so the rows after it are still read and keep their row numbers.
@@ -16,11 +16,7 @@ Hostile input (each an `InputError`, never a traceback):
 - nesting too deep for the JSON decoder, an integer too long to convert: the row.
 NUL characters (`\\u0000`) are valid text: they are kept and tokenized like any other character.
 
-Accepted row shapes (checked in this order; `--column canonical=actual` renames input columns first):
-- chat: `messages` (list of `{role, content}`; ShareGPT `{from, value}` with human/gpt is accepted too)
-- `prompt` / `completion` (strings, or TRL-style lists of messages)
-- Alpaca: `instruction` / optional `input` / `output`
-- OpenOrca: optional `system_prompt` / `question` / `response`
+Row shapes and the message contract are in `toss_filter.data.conversation`.
 """
 
 from __future__ import annotations
@@ -28,17 +24,13 @@ from __future__ import annotations
 import codecs
 import json
 import os
-import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from toss_filter.data.conversation import Conversation, to_conversation
 from toss_filter.errors import InputError
 
-Message = dict[str, str]
-
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 JSON_CHUNK_CHARS = 1 << 20
 MAX_ROW_BYTES = 16 * 2**20  # the longest JSONL line or .json row read; TOSS_FILTER_MAX_ROW_BYTES overrides it
 MAX_ROW_BYTES_ENV = "TOSS_FILTER_MAX_ROW_BYTES"
@@ -53,10 +45,6 @@ MAGIC_BYTES = (
     (b"PAR1", "a Parquet file", "name it .parquet"),
     (b"\xff\xfe", "UTF-16 text", "convert it to UTF-8, e.g. iconv -f UTF-16 -t UTF-8"),
     (b"\xfe\xff", "UTF-16 text", "convert it to UTF-8, e.g. iconv -f UTF-16 -t UTF-8"),
-)
-SURROGATE = re.compile(r"[\ud800-\udfff]")
-CANONICAL_COLUMNS = (
-    "messages", "prompt", "completion", "instruction", "input", "output", "system_prompt", "question", "response",
 )
 
 
@@ -366,105 +354,20 @@ def _count_lines(path: Path) -> int:
     return count + open_line
 
 
-def to_messages(record: Mapping[str, Any], source: str, row: int, columns: Mapping[str, str] | None = None) -> list[Message]:
-    """Normalise one record to validated chat messages (see the module docstring for the shapes)."""
-    if columns:
-        renamed = {canonical: record[actual] for canonical, actual in columns.items() if actual in record}
-        record = {k: v for k, v in record.items() if k not in columns and k not in columns.values()} | renamed
-    # Columnar inputs (Parquet, Arrow) fill the columns of other row shapes with nulls: a null column is absent.
-    record = {key: value for key, value in record.items() if value is not None}
-    if "messages" in record:
-        return _validate_messages(record["messages"], source, row, "messages")
-    if "conversations" in record:
-        return _validate_messages(record["conversations"], source, row, "conversations")
-    if "prompt" in record and "completion" in record:
-        prompt, completion = record["prompt"], record["completion"]
-        if isinstance(prompt, list) and isinstance(completion, list):
-            return _validate_messages(prompt + completion, source, row, "prompt+completion")
-        _require_str(prompt, source, row, "prompt")
-        _require_str(completion, source, row, "completion")
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-        return _validate_messages(messages, source, row, "completion")
-    if "instruction" in record and "output" in record:
-        instruction, extra = record["instruction"], record.get("input") or ""
-        _require_str(instruction, source, row, "instruction")
-        _require_str(extra, source, row, "input")
-        _require_str(record["output"], source, row, "output")
-        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        return _validate_messages(
-            [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}], source, row, "output"
-        )
-    if "question" in record and "response" in record:
-        system = record.get("system_prompt") or ""
-        for field in ("question", "response"):
-            _require_str(record[field], source, row, field)
-        _require_str(system, source, row, "system_prompt")
-        messages = [{"role": "system", "content": system}] if system.strip() else []
-        messages += [{"role": "user", "content": record["question"]}, {"role": "assistant", "content": record["response"]}]
-        return _validate_messages(messages, source, row, "response")
-    raise InputError(
-        source, row, None,
-        f"no known row shape in columns {sorted(record)}: expected messages, prompt+completion, "
-        "instruction+output or question+response (rename columns with --column canonical=actual)",
-    )
-
-
-def _require_str(value: Any, source: str, row: int, field: str) -> None:
-    if not isinstance(value, str):
-        raise InputError(source, row, field, f"expected a string, got {type(value).__name__}")
-    _require_unicode(value, source, row, field)
-
-
-def _require_unicode(value: str, source: str, row: int, field: str) -> None:
-    """Refuse a lone surrogate (from a JSON escape such as `\\ud800` without its pair): no tokenizer, Arrow
-    column or UTF-8 file can hold it."""
-    if not value.isascii() and (match := SURROGATE.search(value)):
-        raise InputError(source, row, field, f"a lone surrogate U+{ord(match.group()):04X} at character "
-                         f"{match.start()} (half of a UTF-16 pair, e.g. a JSON \\u{ord(match.group()):04x} escape "
-                         "without its other half) is not valid Unicode text")
-
-
-def _validate_messages(messages: Any, source: str, row: int, field: str) -> list[Message]:
-    if not isinstance(messages, list) or not messages:
-        raise InputError(source, row, field, "expected a non-empty list of messages")
-    normalised: list[Message] = []
-    for turn, message in enumerate(messages):
-        where = f"{field}[{turn}]"
-        if not isinstance(message, Mapping):
-            raise InputError(source, row, where, f"expected an object with role and content, got {type(message).__name__}")
-        if "role" in message:
-            role, content = message.get("role"), message.get("content")
-        elif "from" in message:
-            role, content = SHAREGPT_ROLES.get(message["from"], message["from"]), message.get("value")
-        else:
-            raise InputError(source, row, where, "missing 'role'")
-        if role not in ROLES:
-            raise InputError(source, row, f"{where}.role", f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        if not isinstance(content, str):
-            raise InputError(source, row, f"{where}.content", f"expected a string, got {type(content).__name__}")
-        _require_unicode(content, source, row, f"{where}.content")
-        if role == "assistant" and not content.strip():
-            raise InputError(source, row, f"{where}.content", "empty assistant turn")
-        normalised.append({"role": role, "content": content})
-    if not any(message["role"] == "assistant" for message in normalised):
-        raise InputError(source, row, field, "no assistant turn: nothing to score")
-    return normalised
-
-
 def load_conversations(
     source: str, split: str | None = None, columns: Mapping[str, str] | None = None, name: str | None = None
-) -> Iterator[tuple[int, list[Message]]]:
-    """Yield `(row, messages)` for every row of `source`, validated (see the module docstring); the first bad row
+) -> Iterator[tuple[int, Conversation]]:
+    """Yield `(row, conversation)` for every row of `source`, validated (see the module docstring); the first bad row
     raises its `InputError`."""
-    for row, messages in iter_conversations(source, split, columns, name):
-        if isinstance(messages, InputError):
-            raise messages
-        yield row, messages
+    for row, conversation in iter_conversations(source, split, columns, name):
+        if isinstance(conversation, InputError):
+            raise conversation
+        yield row, conversation
 
 
 def iter_conversations(
     source: str, split: str | None = None, columns: Mapping[str, str] | None = None, name: str | None = None
-) -> Iterator[tuple[int, list[Message] | InputError]]:
+) -> Iterator[tuple[int, Conversation | InputError]]:
     """`load_conversations`, but a bad row that the reader can step over is yielded as `(row, InputError)` and
     reading goes on (`--skip-invalid`); problems of the input as a whole still raise."""
     for row, record in read_records_or_errors(source, split, name):
@@ -472,7 +375,7 @@ def iter_conversations(
             yield row, record
             continue
         try:
-            messages: list[Message] | InputError = to_messages(record, source, row, columns)
+            conversation: Conversation | InputError = to_conversation(record, source, row, columns)
         except InputError as err:
-            messages = err
-        yield row, messages
+            conversation = err
+        yield row, conversation

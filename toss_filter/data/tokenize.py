@@ -1,19 +1,37 @@
-"""Step 2, tokenize: the ONE place that turns chat messages into `input_ids` and response labels.
+"""Step 2, tokenize: the ONE place that turns a conversation into `input_ids` and response labels.
 
-`filter`, `score` and any later training step all call `tokenize_conversation`, so the tokens that are scored are
+`filter`, `score`, `train-ref` and `inspect` all call `ConversationTokenizer`, so the tokens that are scored are
 exactly the tokens a trainer sees.
 
-Contract of `Tokenized` for one conversation:
-- `input_ids[j]` is what a trainer using the same template would feed the model at position j.
-- `labels[j] == input_ids[j]` when token j is a response token, else -100. Response tokens are the tokens of
-  each assistant turn's content plus the end-of-turn special token that closes the turn (e.g. `<|im_end|>`,
-  `<|eot_id|>`, `</s>`), with any whitespace between the two. A token that straddles the boundary between
-  prompt and response (" Sure" after "Assistant:") counts as a response token.
+Contract of `Tokenized` for one `Conversation` (`toss_filter.data.conversation`):
+- `input_ids` equal `tokenizer.apply_chat_template(messages, tools=tools, tokenize=True)` for a chat template (the
+  rendered text tokenised without added special tokens, so BOS appears once, where the template writes it); the
+  paper template is tokenised with the tokenizer's special tokens, as the authors did.
+- `labels[j] == input_ids[j]` when token j is a response token, else -100. The response of an assistant turn is
+  everything the model generates in it: from the end of the template's generation prompt (what
+  `add_generation_prompt=True` appends, e.g. `<|im_start|>assistant\\n`) to the special token that closes the
+  turn (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`, `<|call|>`, ...), both included. So the turn's
+  content, its reasoning, its tool calls, and the template's own markers between them that the model emits
+  (`<think>` tags, a `<tool_call>` wrapper, a channel header) are response. System, user and tool turns, the tool
+  schemas, the generation prompt and the text between turns are prompt. A template without a generation prompt
+  (the paper template) starts the response where the turn's first rendered field starts. A turn with
+  `weight: 0` is prompt. A token that straddles a boundary (" Sure" after "Assistant:") is a response token.
+- `unscored`: positions of response tokens that are trained but not scored, the tokens of reasoning when
+  `score_reasoning=False` (reasoning fields, and text inside `<think>...</think>` in content); else empty.
+- `truncated`: the conversation was longer than `max_length` and was cut to it.
 
-How responses are found: the conversation is rendered twice, once as is and once with every content replaced by a
-unique sentinel. The sentinel rendering is the template's own text with the exact slot of each content, so walking
-the two renderings together gives each response's character span (see `response_char_spans`). The text is then
-tokenised once with offsets, and a token is a response token if its characters overlap a response span.
+How responses are found: the conversation is rendered twice, once as is and once with the text of every field
+(contents, text parts, reasoning, tool-call names and string arguments) replaced by a unique sentinel, keeping
+the field's outer whitespace and any special-token or `<think>`-like marker inside it, so that a template that
+trims, strips newlines, splits reasoning out of content or checks a prefix does the same to both. The sentinel
+rendering is the template's own text with the exact slot of each field; walking the two renderings together
+gives every field's character span. Each trainable turn's response then runs from the generation prompt found
+in the template text before its first field to the first closing special token in the template text after its
+last field. The text is tokenised once with offsets, and a token is a response token if its characters overlap
+a response span. A template that rewrites a field's text (upper-casing it, say) cannot be located exactly and is
+refused, saying which field and what the template did. A field the template does not render at all is refused
+too (the trainer would silently lose it), except the reasoning of earlier turns that a template drops by design
+(Qwen3 renders reasoning only after the last user turn); `Tokenized.dropped_reasoning` counts those turns.
 
 Why character offsets: the authors tokenised the prompt on its own and masked that many tokens. When the last
 prompt character merges with the first response character into one token, that mask is one token too long and
@@ -23,16 +41,21 @@ span means merges cannot shift the boundary.
 
 from __future__ import annotations
 
+import bisect
+import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import jinja2
 import pyarrow as pa
 from transformers import PreTrainedTokenizerBase
 
-from toss_filter.data.load import MAX_ROW_BYTES_ENV, Message, max_row_bytes
+from toss_filter.data.conversation import Conversation, content_text, trainable
+from toss_filter.data.load import MAX_ROW_BYTES_ENV, max_row_bytes
 from toss_filter.errors import ConfigError, InputError
 
 # The authors' format ("Human: {prompt}\nAssistant: {response} {eos}", contents stripped, system as
@@ -46,6 +69,13 @@ PAPER_TEMPLATE = (
 )
 
 IGNORE_INDEX = -100
+REASONING_NAMES = ("reasoning_content", "thinking", "reasoning")
+# Text a template may test content for (Qwen3 splits reasoning at </think> and finds tool results by their tag),
+# kept verbatim in the sentinel rendering on top of the tokenizer's own added tokens.
+MARKERS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
+SENTINEL = re.compile("\ue000(\\d+)\ue001")  # private-use characters: no template or tokenizer touches them
+GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+CONTENT_PARTS = re.compile(r"\[\s*['\"](?:type|text)['\"]\s*\]|\.type\b")
 
 
 @dataclass(frozen=True)
@@ -60,12 +90,47 @@ class ChatFormat:
     template: str
     add_special_tokens: bool
 
+    @cached_property
+    def reasoning_name(self) -> str | None:
+        """The message key the template reads reasoning from, or None if it reads none."""
+        return next((name for name in REASONING_NAMES
+                     if re.search(rf"\.{name}\b|\[\s*['\"]{name}['\"]\s*\]", self.template)), None)
+
+    @cached_property
+    def handles_think(self) -> bool:
+        """Whether the template treats `<think>` blocks in content itself (splits or deletes them)."""
+        return "</think>" in self.template
+
+    @cached_property
+    def accepts_content_parts(self) -> bool:
+        """Whether the template walks a list of content parts; others get the parts' text joined."""
+        return bool(CONTENT_PARTS.search(self.template))
+
+    @cached_property
+    def arguments_as_text(self) -> bool:
+        """Whether the template concatenates tool-call arguments as a JSON string (DeepSeek-V3) instead of
+        rendering the object (`| tojson`, what transformers documents and most templates do)."""
+        return bool(re.search(r"\[\s*['\"]arguments['\"]\s*\]\s*\+|\.arguments\s*\+|\+\s*\S*\.arguments\b|"
+                              r"\+\s*\S*\[\s*['\"]arguments['\"]\s*\]", self.template))
+
+    @cached_property
+    def has_generation_markers(self) -> bool:
+        return bool(GENERATION_BLOCK.search(self.template))
+
 
 @dataclass(frozen=True)
 class Tokenized:
     input_ids: list[int]
     labels: list[int]
     truncated: bool
+    unscored: list[int] = field(default_factory=list)
+    dropped_reasoning: int = 0
+
+    @property
+    def scored(self) -> list[bool]:
+        """Per token: whether its NLL is scored (a response token that is not in `unscored`)."""
+        skip = set(self.unscored)
+        return [label != IGNORE_INDEX and j not in skip for j, label in enumerate(self.labels)]
 
 
 def resolve_format(tokenizer: PreTrainedTokenizerBase, template: str = "chat") -> ChatFormat:
@@ -93,150 +158,418 @@ def _special_token_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     return sorted((s for s in specials if s), key=len, reverse=True)
 
 
-SENTINEL = re.compile("\ue000(\\d+)\ue001")  # private-use characters: no template or tokenizer touches them
-
-
-def _sentinel(index: int) -> str:
-    return f"\ue000{index}\ue001"
-
-
-def response_char_spans(text: str, skeleton: str, messages: list[Message], special_tokens: list[str]) -> list[tuple[int, int]] | None:
-    """Character spans of the response part of each assistant turn in the rendered `text`.
-
-    `skeleton` is the same conversation rendered with each content replaced by a unique sentinel, so it holds the
-    template's own text and, exactly, where each content goes. Walking both strings together pins every content
-    to its place: a short answer ("A") cannot be matched inside a role header, and a response quoted in a user
-    turn cannot be taken for the real one. A template may trim contents, so each content is matched verbatim or
-    stripped, whichever makes the template text that follows line up. Returns None if the two renderings cannot
-    be aligned (a template whose text depends on the content itself).
-    """
-    cursor, skeleton_cursor, spans = 0, 0, []
-    placed = list(SENTINEL.finditer(skeleton))
-    for index, match in enumerate(placed):
-        before = skeleton[skeleton_cursor:match.start()]
-        after = skeleton[match.end():placed[index + 1].start() if index + 1 < len(placed) else len(skeleton)]
-        if not text.startswith(before, cursor):
-            return None
-        cursor += len(before)
-        message = messages[int(match.group(1))]
-        content = message["content"]
-        for candidate in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
-            if text.startswith(candidate, cursor) and text.startswith(after, cursor + len(candidate)):
-                break
-        else:
-            return None
-        if message["role"] == "assistant":
-            end = cursor + len(candidate)
-            spans.append((cursor, _end_of_turn(text, end, end + len(after), special_tokens)))
-        cursor += len(candidate)
-        skeleton_cursor = match.end()
-    return spans if text[cursor:] == skeleton[skeleton_cursor:] else None
-
-
-def _end_of_turn(text: str, content_end: int, limit: int, special_tokens: list[str]) -> int:
-    """Extend a response span over the special token that closes the turn, if only whitespace comes before it."""
-    gap = text[content_end:limit]
-    stripped = gap.lstrip()
-    for token in special_tokens:
-        if stripped.startswith(token):
-            return content_end + (len(gap) - len(stripped)) + len(token)
-    return content_end
+def _marker_pattern(tokenizer: PreTrainedTokenizerBase) -> re.Pattern[str]:
+    added = {token.content for token in tokenizer.added_tokens_decoder.values() if token.content.strip()}
+    markers = sorted(added | set(MARKERS), key=len, reverse=True)
+    return re.compile("(" + "|".join(map(re.escape, markers)) + ")")
 
 
 def _one_line(err: Exception) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-def tokenize_conversation(
-    messages: list[Message],
-    tokenizer: PreTrainedTokenizerBase,
-    chat_format: ChatFormat,
-    max_length: int | None = None,
-    *,
-    source: str = "<input>",
-    row: int = 0,
-    special_tokens: list[str] | None = None,
-) -> Tokenized:
-    """Render, tokenise and label one conversation (see the module docstring for the contract).
+def _sentinel(index: int) -> str:
+    return f"\ue000{index}\ue001"
 
-    A conversation longer than `max_row_bytes()` characters is refused (an `InputError`) before it is rendered:
-    it is tokenised whole before `max_length` truncates it, so its size must stay bounded. A template that
-    refuses the conversation (its own `raise_exception`, or any Jinja error while rendering) is an `InputError`
-    naming the row and the template's message; a template that does not compile is a `ConfigError`."""
-    limit = max_row_bytes()
 
-    def refuse_if_long(length: int) -> None:
-        if length > limit:
-            raise InputError(source, row, "messages", f"the conversation is {length:,} characters long, over the "
-                             f"limit of {limit:,} on one row: shorten or split it, or raise the limit with "
-                             f"{MAX_ROW_BYTES_ENV}=N")
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = next((i for i in range(n) if a[i] != b[i]), n)
+    return i
 
-    def render(conversation: list[Message]) -> str:
-        try:
-            return tokenizer.apply_chat_template(conversation, chat_template=chat_format.template, tokenize=False)
-        except jinja2.TemplateSyntaxError as err:
-            raise ConfigError(f"the {chat_format.name} template does not compile: {_one_line(err)}") from None
-        except jinja2.TemplateError as err:
-            raise InputError(source, row, "messages",
-                             f"the {chat_format.name} template refused this conversation: {_one_line(err)}") from None
 
-    refuse_if_long(sum(len(message["content"]) for message in messages))
-    text = render(messages)
-    refuse_if_long(len(text))
-    skeleton = render([{**message, "content": _sentinel(i)} for i, message in enumerate(messages)])
-    spans = response_char_spans(text, skeleton, messages, special_tokens or _special_token_strings(tokenizer))
-    if spans is None:
-        raise InputError(source, row, "messages",
-                         f"the {chat_format.name} template renders this conversation in a way that depends on its "
-                         "content, so response tokens cannot be located exactly; use --template paper or a Jinja file")
-    encoding = tokenizer(text, add_special_tokens=chat_format.add_special_tokens, return_offsets_mapping=True)
-    input_ids, labels = list(encoding["input_ids"]), [IGNORE_INDEX] * len(encoding["input_ids"])
-    span_index = 0
-    for j, (start, end) in enumerate(encoding["offset_mapping"]):
-        if end <= start:  # tokens added by the tokenizer itself (BOS) cover no characters
-            continue
-        while span_index < len(spans) and spans[span_index][1] <= start:
-            span_index += 1
-        if span_index < len(spans) and start < spans[span_index][1] and end > spans[span_index][0]:
-            labels[j] = input_ids[j]
-    truncated = max_length is not None and len(input_ids) > max_length
-    if truncated:
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
-    return Tokenized(input_ids, labels, truncated)
+@dataclass
+class _Field:
+    """One sentinel: the text `core` of a field of message `message`, with the markers and whitespace of the value
+    before (`head`) and after (`tail`) it when it is the value's first or last piece."""
+
+    message: int
+    path: str
+    reasoning: bool
+    core: str
+    head: str = ""
+    tail: str = ""
+
+
+class _Skeleton:
+    """The conversation with every field's text replaced by a sentinel, and what each sentinel stands for."""
+
+    def __init__(self, messages: list[dict[str, Any]], markers: re.Pattern[str]):
+        self.fields: list[_Field] = []
+        self.markers = markers
+        self.messages = [self._message(i, message) for i, message in enumerate(messages)]
+
+    def _message(self, index: int, message: dict[str, Any]) -> dict[str, Any]:
+        out = dict(message)
+        where = f"messages[{index}]"
+        content = message.get("content")
+        if isinstance(content, str):
+            out["content"] = self._text(content, index, f"{where}.content", False)
+        elif isinstance(content, list):
+            out["content"] = [{**part, "text": self._text(part["text"], index, f"{where}.content[{k}].text", False)}
+                              if part.get("type") == "text" else part for k, part in enumerate(content)]
+        for name in REASONING_NAMES:
+            if isinstance(message.get(name), str):
+                out[name] = self._text(message[name], index, f"{where}.{name}", True)
+        if message.get("tool_calls"):
+            out["tool_calls"] = [self._tool_call(call, index, f"{where}.tool_calls[{k}]")
+                                 for k, call in enumerate(message["tool_calls"])]
+        return out
+
+    def _tool_call(self, call: dict[str, Any], index: int, where: str) -> dict[str, Any]:
+        function = call["function"]
+        return {**call, "function": {**function, "name": self._text(function["name"], index, f"{where}.function.name", False),
+                                     "arguments": self._leaves(function["arguments"], index, f"{where}.function.arguments")}}
+
+    def _leaves(self, value: Any, index: int, where: str) -> Any:
+        if isinstance(value, str):
+            return self._text(value, index, where, False)
+        if isinstance(value, dict):
+            return {key: self._leaves(item, index, f"{where}.{key}") for key, item in value.items()}
+        if isinstance(value, list):
+            return [self._leaves(item, index, f"{where}[{k}]") for k, item in enumerate(value)]
+        return value
+
+    def _text(self, value: str, index: int, where: str, reasoning: bool) -> str:
+        """`value` with each text piece between markers replaced by a sentinel, outer whitespace and markers kept.
+        Pieces between `<think>` and `</think>` count as reasoning."""
+        out, position, first, in_think, tail_start = [], 0, None, reasoning, None
+        for k, piece in enumerate(self.markers.split(value)):
+            position += len(piece)
+            core = piece.strip()
+            if k % 2 or not core:
+                out.append(piece)
+                in_think = True if piece == "<think>" else False if piece == "</think>" else in_think
+                continue
+            lead = piece[:len(piece) - len(piece.lstrip())]
+            self.fields.append(_Field(index, where, in_think, core))
+            if first is None:
+                first = self.fields[-1]
+                first.head = value[:position - len(piece) + len(lead)]
+            tail_start = position - len(piece) + len(lead) + len(core)
+            out.append(lead + _sentinel(len(self.fields) - 1) + piece[len(lead) + len(core):])
+        if tail_start is not None:
+            self.fields[-1].tail = value[tail_start:]
+        return "".join(out)
 
 
 class ConversationTokenizer:
-    """`tokenize_conversation` bound to one tokenizer, format and max length, for many rows."""
+    """Tokenizes conversations for one tokenizer, format and max length (see the module docstring's contract).
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_format: ChatFormat, max_length: int | None = None):
+    A conversation longer than `max_row_bytes()` characters is refused (an `InputError`) before it is rendered: it
+    is tokenised whole before `max_length` truncates it, so its size must stay bounded. A template that refuses the
+    conversation (its own `raise_exception`, or any Jinja error while rendering) is an `InputError` naming the row
+    and the template's message; a template that does not compile is a `ConfigError`.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_format: ChatFormat, max_length: int | None = None,
+                 score_reasoning: bool = True):
         check_tokenizer(tokenizer)
         self.tokenizer, self.chat_format, self.max_length = tokenizer, chat_format, max_length
+        self.score_reasoning = score_reasoning
         self.special_tokens = _special_token_strings(tokenizer)
+        self.special_pattern = re.compile("|".join(map(re.escape, self.special_tokens)) or "(?!)")
+        self.markers = _marker_pattern(tokenizer)
+        self._turn_tokens: set[str] | None = None
 
-    def __call__(self, messages: list[Message], source: str = "<input>", row: int = 0) -> Tokenized:
-        return tokenize_conversation(
-            messages, self.tokenizer, self.chat_format, self.max_length,
-            source=source, row=row, special_tokens=self.special_tokens,
-        )
+    def turn_tokens(self, row: _Row) -> set[str]:
+        """`_Row.turn_tokens`, once per encoder: it depends on the template and tokenizer only."""
+        if self._turn_tokens is None:
+            self._turn_tokens = row.turn_tokens()
+        return self._turn_tokens
+
+    def __call__(self, conversation: Conversation | list[dict[str, Any]], source: str = "<input>",
+                 row: int = 0) -> Tokenized:
+        if not isinstance(conversation, Conversation):
+            conversation = Conversation(list(conversation))
+        return _Row(self, conversation, source, row).tokenize()
 
 
-def tokenize_rows(conversations: Iterable[tuple[int, list[Message]]], encode: ConversationTokenizer,
-                  source: str) -> pa.Table:
-    """Every conversation as one table row, in input order.
+class _Row:
+    """The work of tokenizing one conversation."""
 
-    Columns: `row` (int64, the input row index), `input_ids` and `labels` (list<int32>, see `Tokenized`),
-    `truncated` (bool).
+    def __init__(self, encode: ConversationTokenizer, conversation: Conversation, source: str, row: int):
+        self.encode, self.source, self.row = encode, source, row
+        self.format = encode.chat_format
+        self.tools = conversation.tools
+        self.messages = [self._for_template(message, False) for message in conversation.messages]
+        if any("tool_calls" in m for m in self.messages) and self.format.arguments_as_text:
+            self.messages = [self._for_template(message, True) for message in conversation.messages]
+
+    def _for_template(self, message: dict[str, Any], arguments_as_text: bool) -> dict[str, Any]:
+        out = dict(message)
+        if arguments_as_text and "tool_calls" in out:
+            out["tool_calls"] = [{**call, "function": {**call["function"], "arguments": json.dumps(
+                call["function"]["arguments"], ensure_ascii=False)}} for call in out["tool_calls"]]
+        if isinstance(out.get("content"), list) and not self.format.accepts_content_parts:
+            out["content"] = content_text(out["content"])
+        if "reasoning_content" in out and self.format.reasoning_name not in (None, "reasoning_content"):
+            out[self.format.reasoning_name] = out.pop("reasoning_content")
+        return out
+
+    def error(self, problem: str, field: str = "messages") -> InputError:
+        return InputError(self.source, self.row, field, problem)
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+        try:
+            return self.encode.tokenizer.apply_chat_template(
+                messages, tools=self.tools, chat_template=self.format.template, tokenize=False,
+                add_generation_prompt=add_generation_prompt)
+        except jinja2.TemplateSyntaxError as err:
+            raise ConfigError(f"the {self.format.name} template does not compile: {_one_line(err)}") from None
+        except (jinja2.TemplateError, TypeError, ValueError, AttributeError, KeyError, IndexError) as err:
+            raise self.error(f"the {self.format.name} template refused this conversation: {_one_line(err)}") from None
+
+    def refuse_if_long(self, length: int) -> None:
+        limit = max_row_bytes()
+        if length > limit:
+            raise self.error(f"the conversation is {length:,} characters long, over the limit of {limit:,} on one "
+                             f"row: shorten or split it, or raise the limit with {MAX_ROW_BYTES_ENV}=N")
+
+    def tokenize(self) -> Tokenized:
+        self.refuse_if_long(sum(_text_length(value) for m in self.messages for key, value in m.items() if key != "role"))
+        text = self.render(self.messages)
+        self.refuse_if_long(len(text))
+        skeleton = _Skeleton(self.messages, self.encode.markers)
+        spans = self.field_spans(text, self.render(skeleton.messages), skeleton.fields)
+        dropped = self.check_rendered(skeleton.fields, spans)
+        responses = self.response_spans(text, skeleton, spans)
+        reasoning = [] if self.encode.score_reasoning else [
+            span for f, field_spans in zip(skeleton.fields, spans) if f.reasoning
+            and trainable(self.messages[f.message]) for span in field_spans]
+        encoding = self.encode.tokenizer(text, add_special_tokens=self.format.add_special_tokens,
+                                         return_offsets_mapping=True)
+        input_ids, offsets = list(encoding["input_ids"]), encoding["offset_mapping"]
+        in_response = _overlaps(offsets, responses)
+        labels = [token if inside else IGNORE_INDEX for token, inside in zip(input_ids, in_response)]
+        unscored = [j for j, inside in enumerate(_overlaps(offsets, reasoning)) if inside and in_response[j]]
+        if self.format.has_generation_markers:
+            self.last_ids = input_ids
+            self.check_generation_markers(in_response)
+        truncated = self.encode.max_length is not None and len(input_ids) > self.encode.max_length
+        if truncated:
+            n = self.encode.max_length
+            input_ids, labels, unscored = input_ids[:n], labels[:n], [j for j in unscored if j < n]
+        return Tokenized(input_ids, labels, truncated, unscored, dropped)
+
+    def field_spans(self, text: str, skeleton: str, fields: list[_Field]) -> list[list[tuple[int, int]]]:
+        """Every field's character spans in `text` (a template may render a field twice, or not at all), found by
+        walking `text` and the sentinel rendering `skeleton` together."""
+        spans: list[list[tuple[int, int]]] = [[] for _ in fields]
+        cursor, skeleton_cursor = 0, 0
+        placed = list(SENTINEL.finditer(skeleton))
+        for k, match in enumerate(placed):
+            before = skeleton[skeleton_cursor:match.start()]
+            after = skeleton[match.end():placed[k + 1].start() if k + 1 < len(placed) else len(skeleton)]
+            if not text.startswith(before, cursor):
+                raise self.transformed(text, cursor, before, fields, placed, k)
+            cursor += len(before)
+            f = fields[int(match.group(1))]
+            # A field rendered through `tojson` appears JSON-escaped.
+            for candidate in dict.fromkeys((f.core, json.dumps(f.core, ensure_ascii=False)[1:-1], json.dumps(f.core)[1:-1])):
+                if text.startswith(candidate, cursor) and text.startswith(after, cursor + len(candidate)):
+                    break
+            else:
+                raise self.error(f"the {self.format.name} template rewrites the text of {f.path} (at character "
+                                 f"{cursor} it renders {_excerpt(text[cursor:])} where the field reads "
+                                 f"{_excerpt(f.core)}), so its tokens cannot be located exactly; use a template that "
+                                 "renders fields verbatim (--template FILE.jinja)", f.path)
+            spans[int(match.group(1))].append((cursor, cursor + len(candidate)))
+            cursor += len(candidate)
+            skeleton_cursor = match.end()
+        if text[cursor:] != skeleton[skeleton_cursor:]:
+            raise self.transformed(text, cursor, skeleton[skeleton_cursor:], fields, placed, len(placed))
+        return spans
+
+    def transformed(self, text: str, cursor: int, expected: str, fields: list[_Field], placed: list[re.Match[str]],
+                    k: int) -> InputError:
+        """The error for a template whose own text depends on a field's content."""
+        at = cursor + _common_prefix(text[cursor:], expected)
+        near = fields[int(placed[k - 1].group(1))].path if k else "the start"
+        return self.error(f"the {self.format.name} template renders this conversation in a way that depends on "
+                          f"its content: after {near}, at character {at}, it renders {_excerpt(text[at:])} where the "
+                          f"same conversation with other text renders {_excerpt(expected[at - cursor:])}; response "
+                          "tokens cannot be located exactly (use --template paper or a Jinja file)")
+
+    def check_rendered(self, fields: list[_Field], spans: list[list[tuple[int, int]]]) -> int:
+        """Refuse a field the template does not render; return how many turns' reasoning it dropped by design."""
+        missing = [f for f, found in zip(fields, spans) if not found]
+        reasoning_dropped = {f.message for f in missing if f.reasoning}
+        for f in missing:
+            if not f.reasoning:
+                raise self.error(f"the {self.format.name} template does not render {f.path}: a trainer using it "
+                                 "would never see it; remove the field or use a template that renders it", f.path)
+        if not reasoning_dropped:
+            return 0
+        assistant = [i for i, m in enumerate(self.messages) if m["role"] == "assistant"]
+        rendered = {f.message for f, found in zip(fields, spans) if f.reasoning and found}
+        if assistant[-1] in reasoning_dropped or not (rendered or self.format.reasoning_name or self.format.handles_think):
+            path = next(f.path for f in missing if f.reasoning and f.message == max(reasoning_dropped))
+            raise self.error(f"the {self.format.name} template does not render the reasoning in {path} "
+                             f"({'it deletes reasoning from every turn, as DeepSeek-R1 does' if self.format.handles_think else 'it reads no reasoning field'}): "
+                             "a trainer using it would never see it; drop the reasoning or use a template that "
+                             "renders it", path)
+        return len(reasoning_dropped)  # earlier turns only: the template keeps reasoning for the last turns
+
+    def response_spans(self, text: str, skeleton: _Skeleton, spans: list[list[tuple[int, int]]]) -> list[tuple[int, int]]:
+        # A field the template renders again later (gpt-oss names the called tool in the result's header) is
+        # generated where it first appears.
+        placed = sorted((found[0][0], found[0][1], f.message, f) for f, found in zip(skeleton.fields, spans) if found)
+        starts, ends = [p[0] for p in placed], [p[1] for p in placed]
+        by_message: dict[int, list[int]] = {}
+        for k, p in enumerate(placed):
+            by_message.setdefault(p[2], []).append(k)
+        not_closing = self.encode.turn_tokens(self)
+        responses, prompt = [], None
+        for index, message in enumerate(self.messages):
+            mine = by_message.get(index, []) if trainable(message) else []
+            if not mine:
+                continue  # a turn whose only field is reasoning the template drops: nothing of it is generated
+            own = [(self.extend_head(text, placed[k][0], placed[k][3]), self.extend_tail(text, placed[k][1], placed[k][3]))
+                   for k in mine]
+            first, last = own[0][0], max(e for _, e in own)
+            gap_start = ends[mine[0] - 1] if mine[0] else 0
+            if prompt is None or text.rfind(prompt, gap_start, first) < 0:
+                prompt = self.generation_prompt(skeleton.messages[:index])
+            following = bisect.bisect_left(starts, last)
+            limit = starts[following] if following < len(starts) else len(text)
+            responses.append((self.response_start(text, gap_start, first, prompt),
+                              self.response_end(text, last, limit, not_closing)))
+        return responses
+
+    def generation_prompt(self, messages: list[dict[str, Any]]) -> str:
+        """What `add_generation_prompt=True` appends after `messages` ("" for a template without one)."""
+        try:
+            with_prompt, without = self.render(messages, True), self.render(messages)
+        except InputError:  # a template that refuses this prefix (e.g. an empty conversation) has no prompt here
+            return ""
+        return with_prompt[_common_prefix(with_prompt, without):]
+
+    def turn_tokens(self) -> set[str]:
+        """Special tokens that open an assistant turn (in its generation prompt) or mark its parts before the
+        content (gpt-oss's `<|channel|>`, `<|message|>`), from a one-turn probe: none of them closes a turn."""
+        probe = [{"role": "user", "content": _sentinel(0)}, {"role": "assistant", "content": _sentinel(1)}]
+        try:
+            prompt, rendered = self.generation_prompt(probe[:1]), self.render(probe)
+        except InputError:
+            return set()
+        start = rendered.find(prompt, rendered.find(_sentinel(0))) if prompt else -1
+        turn = prompt + rendered[start + len(prompt):rendered.find(_sentinel(1))] if start >= 0 else ""
+        return {token for token in self.encode.special_tokens if token in turn}
+
+    @staticmethod
+    def extend_head(text: str, start: int, f: _Field) -> int:
+        """Move a field's start back over the markers the value opens with (`<think>`), when rendered there."""
+        head = f.head.lstrip()
+        return start - len(head) if head.strip() and text.startswith(head, start - len(head)) else start
+
+    @staticmethod
+    def extend_tail(text: str, end: int, f: _Field) -> int:
+        tail = f.tail.rstrip()
+        return end + len(tail) if tail.strip() and text.startswith(tail, end) else end
+
+    def response_start(self, text: str, gap_start: int, first: int, prompt: str) -> int:
+        """Where the model starts generating: after the generation prompt in the template text before the turn's
+        first field (or the longest start of it that is there: DeepSeek-R1 prompts `<think>\\n`, which a training
+        row without reasoning does not have). A template without a generation prompt starts the turn after the
+        special token that closes the turn before (Mistral's `[/INST]`, so a `[TOOL_CALLS]` header is response),
+        and with no special token there (the paper template), at the first field."""
+        for length in range(len(prompt), 0, -1):
+            found = text.rfind(prompt[:length], gap_start, first)
+            if found >= 0:
+                return found + length
+        closing = self.encode.special_pattern.search(text, gap_start, first) if gap_start else None
+        return closing.end() if closing else first
+
+    def response_end(self, text: str, last: int, limit: int, not_closing: set[str]) -> int:
+        """After the first special token that closes the turn in the template text after its last field (the
+        turn's last field itself if there is none before the next field)."""
+        for match in self.encode.special_pattern.finditer(text, last, limit):
+            if match.group() not in not_closing:
+                return match.end()
+        return last
+
+    def check_generation_markers(self, in_response: list[bool]) -> None:
+        """A template with `{% generation %}` blocks marks its own assistant tokens: they must be ours."""
+        if any(m["role"] == "assistant" and not trainable(m) for m in self.messages):
+            return  # the template marks weight-0 turns too; they are prompt here by the row's own choice
+        marked = self.encode.tokenizer.apply_chat_template(
+            self.messages, tools=self.tools, chat_template=self.format.template, tokenize=True, return_dict=True,
+            return_assistant_tokens_mask=True)["assistant_masks"]
+        ids = self.last_ids
+        # A template may mark the newline after the closing token (TRL's Qwen3 training template does): the turn
+        # has ended there, so that whitespace is not response here, and is no disagreement.
+        differ = [j for j, (a, b) in enumerate(zip(marked, in_response)) if bool(a) != b and not (
+            a and j and in_response[j - 1] and not self.encode.tokenizer.decode(ids[j:j + 1]).strip())]
+        if differ:
+            j = differ[0]
+            raise self.error(f"the {self.format.name} template's {{% generation %}} blocks and toss-filter's response "
+                             f"spans disagree on {len(differ)} token(s), first at token {j} "
+                             f"({'marked by the template only' if marked[j] else 'a response token the template does not mark'})")
+
+
+def _text_length(value: Any) -> int:
+    """Characters of text in a field: strings, and those inside the lists and objects of tool calls and parts."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_text_length(item) for item in value.values())
+    if isinstance(value, list):
+        return sum(_text_length(item) for item in value)
+    return 0
+
+
+def _excerpt(text: str, width: int = 24) -> str:
+    return repr(text[:width] + ("…" if len(text) > width else ""))
+
+
+def _next_start(starts: list[int], position: int) -> int:
+    return next((s for s in starts if s >= position), 1 << 62)
+
+
+def _overlaps(offsets: Any, spans: list[tuple[int, int]]) -> list[bool]:
+    """Per token: whether its characters overlap one of the sorted, disjoint `spans` (tokens added by the
+    tokenizer itself, such as BOS, cover no characters and overlap nothing)."""
+    spans = sorted(spans)
+    out, k = [], 0
+    for start, end in offsets:
+        while k < len(spans) and spans[k][1] <= start:
+            k += 1
+        out.append(end > start and k < len(spans) and start < spans[k][1] and end > spans[k][0])
+    return out
+
+
+def tokenize_rows(conversations: Iterable[tuple[int, Conversation | list[dict[str, Any]]]],
+                  encode: ConversationTokenizer, source: str) -> pa.Table:
+    """Every conversation as one `tokens_table` row, in input order."""
+    rows = ((row, encode(conversation, source, row)) for row, conversation in conversations)
+    return tokens_table(rows, with_unscored=not encode.score_reasoning)
+
+
+def tokens_table(tokenized: Iterable[tuple[int, Tokenized]], with_unscored: bool) -> pa.Table:
+    """Tokenized rows as one table.
+
+    Columns: `row` (int64, the input row index), `input_ids` and `labels` (list<int32>; `labels` holds the
+    SCORED response tokens: those of `Tokenized.labels` not in `Tokenized.unscored`), `truncated` (bool), and, only
+    `with_unscored` (so tables of other runs keep their layout), `unscored` (list<int32>: positions trained but not
+    scored). `training_labels` puts the unscored tokens back.
     """
-    rows, input_ids, labels, truncated = [], [], [], []
-    for row, messages in conversations:
-        tokens = encode(messages, source, row)
+    rows, input_ids, labels, truncated, unscored = [], [], [], [], []
+    for row, tokens in tokenized:
+        scored = list(tokens.labels)
+        for j in tokens.unscored:
+            scored[j] = IGNORE_INDEX
         rows.append(row)
         input_ids.append(tokens.input_ids)
-        labels.append(tokens.labels)
+        labels.append(scored)
         truncated.append(tokens.truncated)
-    return pa.table({
+        unscored.append(tokens.unscored)
+    columns = {
         "row": pa.array(rows, pa.int64()),
         "input_ids": pa.array(input_ids, pa.list_(pa.int32())),
         "labels": pa.array(labels, pa.list_(pa.int32())),
         "truncated": pa.array(truncated, pa.bool_()),
-    })
+    }
+    if with_unscored:
+        columns["unscored"] = pa.array(unscored, pa.list_(pa.int32()))
+    return pa.table(columns)

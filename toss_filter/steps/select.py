@@ -53,6 +53,7 @@ class ScoredShard:
     score: np.ndarray  # S(t) = nll_u(t) - nll_s(t), float32, NaN where unscored
     nll_safety: np.ndarray
     nll_utility: np.ndarray
+    unscored: np.ndarray  # flat token indices trained but not scored (--no-score-reasoning), usually empty
 
     @cached_property
     def token_row(self) -> np.ndarray:
@@ -87,9 +88,13 @@ class ShardReader:
             nll[role] = list_column(table, "nll")[0]
         ids, offsets = list_column(tokens, "input_ids")
         labels, _ = list_column(tokens, "labels")
+        unscored = np.zeros(0, np.int64)
+        if "unscored" in tokens.column_names:
+            positions, position_offsets = list_column(tokens, "unscored")
+            unscored = positions + np.repeat(offsets[:-1], np.diff(position_offsets))
         return ScoredShard(tokens.column("row").to_numpy(), ids, labels, offsets,
                            tokens.column("truncated").to_numpy(zero_copy_only=False),
-                           (nll["utility"] - nll["safety"]).astype(np.float32), nll["safety"], nll["utility"])
+                           (nll["utility"] - nll["safety"]).astype(np.float32), nll["safety"], nll["utility"], unscored)
 
     def __call__(self, shard: int) -> ResponseShard:
         return self.read(shard).response_shard()
@@ -110,6 +115,7 @@ def write_shard(reader: ShardReader, decision: Decision, staging: str, shards: i
     unsafe = decision.unsafe(shard, responses)
     new_labels = data.labels.astype(np.int64)
     new_labels[response[unsafe]] = IGNORE_INDEX
+    new_labels[data.unscored] = data.input_ids[data.unscored]  # trained, never scored or masked
     position = positions_in_rows(np.diff(data.offsets))
     # A label at position 0 never reaches the loss (nothing predicts it), so it does not count as trainable.
     trainable = np.bincount(token_row[(new_labels != IGNORE_INDEX) & (position > 0)], minlength=len(data.row_ids))

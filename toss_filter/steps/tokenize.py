@@ -36,8 +36,9 @@ import numpy as np
 import pyarrow as pa
 
 from toss_filter.config import ScoreConfig
-from toss_filter.data.load import Message, count_rows, iter_conversations, load_conversations
-from toss_filter.data.tokenize import IGNORE_INDEX, ConversationTokenizer, tokenize_rows
+from toss_filter.data.conversation import Conversation
+from toss_filter.data.load import count_rows, iter_conversations, load_conversations
+from toss_filter.data.tokenize import IGNORE_INDEX, ConversationTokenizer, tokenize_rows, tokens_table
 from toss_filter.errors import InputError
 from toss_filter.files import atomic_write_text
 from toss_filter.plan import read_table, write_table
@@ -75,6 +76,7 @@ def tokens_key(config: ScoreConfig, encode: ConversationTokenizer) -> str:
         "add_special_tokens": encode.chat_format.add_special_tokens, "tokenizer": tokenizer_identity(encode),
         "max_length": config.max_length, "shard_rows": config.shard_rows,
         **({"skip_invalid": True} if config.skip_invalid else {}),  # absent when off: keys made before stay valid
+        **({"score_reasoning": False} if not config.score_reasoning else {}),
         **({"limit": config.limit} if config.limit is not None else {}),  # likewise
     })
 
@@ -114,21 +116,20 @@ def shard_summary(table: pa.Table, invalid: pa.Table | None = None) -> dict[str,
             "invalid_rows": invalid_rows}
 
 
-def tokenize_valid_rows(items: list[tuple[int, list[Message] | InputError]], encode: ConversationTokenizer,
+def tokenize_valid_rows(items: list[tuple[int, Conversation | InputError]], encode: ConversationTokenizer,
                         source: str) -> tuple[pa.Table, pa.Table]:
     """`tokenize_rows` of the rows that load and tokenize, and the others (an `InputError` from loading or
     tokenizing) as an `INVALID_SCHEMA` table."""
     tokenized, invalid = [], []
-    for row, messages in items:
-        if not isinstance(messages, InputError):
+    for row, conversation in items:
+        if not isinstance(conversation, InputError):
             try:
-                tokenized.append((row, encode(messages, source, row)))
+                tokenized.append((row, encode(conversation, source, row)))
                 continue
             except InputError as err:
-                messages = err
-        invalid.append((row, messages.field, messages.problem))
-    # The rows are tokenized already: `tokenize_rows` only lays them out as its table (an encoder that returns them).
-    table = tokenize_rows(tokenized, lambda tokens, _source, _row: tokens, source)
+                conversation = err
+        invalid.append((row, conversation.field, conversation.problem))
+    table = tokens_table(tokenized, with_unscored=not encode.score_reasoning)
     rows, fields, problems = zip(*invalid) if invalid else ((), (), ())
     return table, pa.table({"row": pa.array(rows, pa.int64()), "field": pa.array(fields, pa.string()),
                             "problem": pa.array(problems, pa.string())}, schema=INVALID_SCHEMA)
