@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from datasets import load_from_disk
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -77,3 +78,49 @@ def test_round_stats_overlap_and_means():
     entry = round_stats(2, scores, flagged, previous=np.array([True, True, False, False, False]))
     assert entry == {"round": 2, "masked_share": 0.5, "overlap_with_previous": 0.5, "mean_score_flagged": 2.5,
                      "mean_score_unflagged": 0.0}
+
+
+def test_a_run_killed_in_round_two_resumes_to_what_an_uninterrupted_run_gives(tmp_path, tiny_models, monkeypatch):
+    import toss_filter.train
+
+    fit, calls = toss_filter.train.fit_adapter, []
+
+    def killed_in_round_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as Ctrl-C or SIGTERM would, during round 2's refinement
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(toss_filter.train, "fit_adapter", killed_in_round_two)
+    (tmp_path / "killed").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        run_rounds(tmp_path / "killed", tiny_models, rounds=3)
+    resumed = run_rounds(tmp_path / "killed", tiny_models, rounds=3)
+    assert len(calls) == 3  # round 1's refinement was kept, not redone
+    monkeypatch.setattr(toss_filter.train, "fit_adapter", fit)
+    (tmp_path / "whole").mkdir()
+    whole = run_rounds(tmp_path / "whole", tiny_models, rounds=3)
+
+    def without_timings(entries: list[dict]) -> list[dict]:
+        return [{key: value for key, value in entry.items() if key != "refine_s"} for entry in entries]
+
+    assert without_timings(resumed["rounds"]) == without_timings(whole["rounds"])
+    final = {}
+    for name in ("killed", "whole"):
+        run = RunDir(tmp_path / name / "run")
+        state = run.read_json("run.json")
+        final[name] = list_column(run.read_scores(state["score_key"], state["shards"]), "nll_safety")[0]
+        assert (tmp_path / name / "run" / "rounds" / "round-2" / "round.json").exists()
+    np.testing.assert_array_equal(final["killed"], final["whole"])
+    for column in ("input_ids", "labels"):
+        assert load_from_disk(str(tmp_path / "killed" / "out"))[column] == load_from_disk(str(tmp_path / "whole" / "out"))[column]
+
+
+def test_more_rounds_after_fewer_refine_only_the_new_ones(tmp_path, tiny_models, monkeypatch):
+    import toss_filter.train
+
+    fit, calls = toss_filter.train.fit_adapter, []
+    monkeypatch.setattr(toss_filter.train, "fit_adapter", lambda *a, **k: calls.append(1) or fit(*a, **k))
+    run_rounds(tmp_path, tiny_models, rounds=2)
+    stats = run_rounds(tmp_path, tiny_models, rounds=3)
+    assert len(calls) == 2 and [entry["round"] for entry in stats["rounds"]] == [1, 2, 3]

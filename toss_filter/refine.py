@@ -11,6 +11,13 @@ The final mask is the last round's. Round 1 is plain TOSS, so `rounds=1` changes
 The rounds hold the run's tokens and scores in memory (TOSS-Pro retrains on the flagged rows, which is far
 costlier than the arrays); selection and writing afterwards stream shard by shard as usual.
 
+Resumable: each refinement leaves a checkpoint in `rounds/round-<r>/`: the refined adapter, `nll_safety.npy` (θs's
+scores after it), `flagged.npy` (round r's flags) and, written last, `round.json` (the round's entry and the key of
+the settings it was computed under: the first round's score key, the refinement and flagging settings, not the
+number of rounds). A re-run takes every consecutive checkpoint from round 1 whose key matches and continues after
+the last one, so a killed run redoes at most the round it was in, and `--rounds 3` after `--rounds 2` refines once
+more. Training and scoring on CPU are deterministic, so a resumed run equals an uninterrupted one.
+
 Written into the run directory: each refined adapter as `rounds/round-<r>/safety/` (PEFT format), the last
 round's scores as a new score key, shard by shard (θu's files are linked from the first round's key), so `select`
 and `report` work unchanged, and in run.json a `rounds` list of
@@ -22,6 +29,7 @@ backend whatever `--backend` scored round 1; both backends agree to float tolera
 from __future__ import annotations
 
 import gc
+import json
 import os
 import shutil
 import time
@@ -37,7 +45,7 @@ from toss_filter.config import RefineConfig, ScoreConfig, SelectConfig, as_dict
 from toss_filter.data.tokenize import IGNORE_INDEX
 from toss_filter.data.write import list_array
 from toss_filter.errors import ConfigError
-from toss_filter.files import atomic_write_text
+from toss_filter.files import atomic_file, atomic_write_text
 from toss_filter.plan import write_table
 from toss_filter.run import RunDir, content_key, model_fingerprint
 from toss_filter.score.models import resolve_device, resolve_dtype, resolve_spec
@@ -77,6 +85,35 @@ def flagged_rows(input_ids: np.ndarray, offsets: np.ndarray, flagged_flat: np.nd
     return Dataset.from_dict({"input_ids": ids, "labels": labels})
 
 
+def _checkpoint(directory: Path, key: str, entry: dict[str, Any], nll_safety: np.ndarray, flagged: np.ndarray) -> None:
+    """Round `entry["round"]`'s checkpoint beside its adapter; round.json last, so it marks a complete one."""
+    for name, array in (("nll_safety", nll_safety), ("flagged", flagged)):
+        with atomic_file(directory / f"{name}.npy") as staging, open(staging, "wb") as file:
+            np.save(file, array, allow_pickle=False)  # a handle: np.save would add .npy to the staging name
+    atomic_write_text(directory / "round.json", json.dumps({"key": key, "entry": entry}, indent=1) + "\n")
+
+
+def _resume(rounds_dir: Path, key: str, last: int) -> tuple[list[dict[str, Any]], str | None,
+                                                              tuple[np.ndarray, np.ndarray] | None]:
+    """(entries, adapter, (θs's scores, the last round's flags)) of the consecutive complete checkpoints from round 1
+    made under `key`, up to round `last`; ([], None, None) when there is none."""
+    entries: list[dict[str, Any]] = []
+    for round_number in range(1, last + 1):
+        directory = rounds_dir / f"round-{round_number}"
+        try:
+            record = json.loads((directory / "round.json").read_text())
+        except (OSError, ValueError):
+            break
+        if record.get("key") != key or not (directory / "safety" / "adapter_config.json").exists():
+            break
+        entries.append(record["entry"])
+    if not entries:
+        return [], None, None
+    directory = rounds_dir / f"round-{len(entries)}"
+    arrays = tuple(np.load(directory / f"{name}.npy", allow_pickle=False) for name in ("nll_safety", "flagged"))
+    return entries, str(directory / "safety"), arrays
+
+
 def check_refinable(score_config: ScoreConfig, select_config: SelectConfig) -> None:
     """Refuse, before any scoring, what TOSS-Pro cannot refine."""
     spec = resolve_spec("safety", score_config.safety_model, score_config.base_model,
@@ -90,8 +127,8 @@ def check_refinable(score_config: ScoreConfig, select_config: SelectConfig) -> N
 
 def refine_rounds(score_config: ScoreConfig, select_config: SelectConfig, refine: RefineConfig,
                   show_progress: bool = True) -> list[dict[str, Any]]:
-    """Run TOSS-Pro on a run directory that `score` has just filled; returns the per-round entries (see the module
-    docstring). Rounds are not resumable: an interrupted run redoes them all."""
+    """Run TOSS-Pro on a run directory that `score` has just filled, resuming after the last matching checkpoint;
+    returns the per-round entries (see the module docstring)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -122,9 +159,16 @@ def refine_rounds(score_config: ScoreConfig, select_config: SelectConfig, refine
     tokenizer = load_tokenizer(spec, score_config.trust_remote_code)
     rows = token_rows(input_ids, labels, offsets, range(len(lengths)))
 
-    entries: list[dict[str, Any]] = []
-    adapter, previous = spec.path, None
-    for round_number in range(1, refine.rounds + 1):
+    checkpoint_key = content_key({"first_round": state["score_key"], **as_dict(refine) | {"rounds": None},
+                                  **select_config.flagging()})
+    entries, adapter, resumed = _resume(run.path / "rounds", checkpoint_key, refine.rounds - 1)
+    previous = None
+    if resumed:
+        nll_safety, previous = resumed
+        if show_progress:
+            console.print(f"TOSS-Pro: resuming after round {len(entries)} (its refined adapter and scores are kept)")
+    adapter = adapter or spec.path
+    for round_number in range(len(entries) + 1, refine.rounds + 1):
         response_scores = (nll_utility - nll_safety)[response]
         flagged = choose_unsafe(response_scores, response_per_row, select_config.ratio, "toss", select_config.scope,
                                 select_config.threshold)
@@ -158,6 +202,7 @@ def refine_rounds(score_config: ScoreConfig, select_config: SelectConfig, refine
         entries[-1] |= {"refine_rows": len(train_rows), "refine_final_loss": losses[-1] if losses else None,
                         "refine_s": round(time.perf_counter() - started, 3)}
         previous = flagged
+        _checkpoint(target.parent, checkpoint_key, entries[-1], nll_safety, flagged)
 
     if refine.rounds > 1:
         key = content_key({"first_round": state["score_key"], "refined_safety": model_fingerprint(adapter),
