@@ -1,0 +1,271 @@
+"""`eval-refs`: how well a pair of references tells harmful rows from benign ones, measured through the real
+pipeline.
+
+The labelled inputs are concatenated, in order, into OUTPUT/input.jsonl, filtered by `filter_dataset` at the given
+ρ (global top-k over all of them, so every group competes for one budget, as in a real custom set), and the run's
+per-token sidecar (RUN_DIR/token_scores) is read back. Per row: the masked share of its scored response tokens and
+its mean score S. Per group (a value of the label column): the mean of both, and the share of rows that lose more
+than half their response tokens. For the positive group against each other group, and against all of them: the
+AUROC of the per-row masked share and of the per-row mean score (0.5 = no separation, 1.0 = every positive row
+ranks above every other row). Rows with no scored response token (e.g. cut off by --max-length) are left out of
+the metrics and counted.
+
+Written to OUTPUT/: input.jsonl, run/ (the run directory; a re-run resumes from it), filtered/ (the masked
+output), eval-refs.json (settings, groups, comparisons and every row's values), eval-refs.png (the per-row masked
+share and mean score of each group; skipped with a reason when matplotlib is missing).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from toss_filter.config import ScoreConfig, SelectConfig, as_dict
+from toss_filter.errors import ConfigError, InputError
+from toss_filter.files import atomic_write_text
+
+LOSES_HALF = 0.5  # a row "loses more than half" when its masked share is above this
+
+
+@dataclass
+class EvalRefsConfig:
+    """Which references to evaluate, on which labelled rows.
+
+    > Data
+    - `inputs`: JSONL files of labelled rows in any row shape `filter` reads; concatenated in this order.
+    - `label_column`: the field that names each row's group (default `label`).
+    - `positive`: the group the references should flag (default `harmful`); every other group is compared with it.
+
+    > Models (as for `filter`, see `ScoreConfig`)
+    - `safety_model`, `utility_model`, `base_model`, `template`, `max_length`, `dtype`, `device`,
+      `max_batch_tokens`, `trust_remote_code`, `allow_pickle_weights`.
+
+    > Selection and output
+    - `ratio`: share of all scored response tokens masked (global top-k, as `filter --ratio`).
+    - `output`: the directory for input.jsonl, run/, filtered/, eval-refs.json and eval-refs.png.
+    """
+
+    inputs: list[str]
+    safety_model: str
+    utility_model: str
+    output: str
+    base_model: str | None = None
+    label_column: str = "label"
+    positive: str = "harmful"
+    ratio: float = 0.2
+    template: str = "chat"
+    max_length: int | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_batch_tokens: int | None = None
+    trust_remote_code: bool = False
+    allow_pickle_weights: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ConfigError("eval-refs needs at least one labelled input file")
+        if not 0.0 < self.ratio < 1.0:
+            raise ConfigError(f"--ratio must be within (0, 1), got {self.ratio}")
+
+
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float | None:
+    """P(a random positive value > a random negative one) + ½ P(equal): the Mann-Whitney U statistic from
+    average ranks, so ties count half. None when either side is empty."""
+    if len(positive) == 0 or len(negative) == 0:
+        return None
+    values = np.concatenate([positive, negative]).astype(np.float64)
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    average_rank = np.cumsum(counts) - (counts - 1) / 2  # 1-based mean rank of each distinct value
+    rank_sum = average_rank[inverse[:len(positive)]].sum()
+    return float((rank_sum - len(positive) * (len(positive) + 1) / 2) / (len(positive) * len(negative)))
+
+
+class LabelledRow(NamedTuple):
+    file: str
+    row: int  # 0-based, counting the file's non-blank lines
+    label: str
+    line: str
+
+
+def read_labels(paths: list[str], label_column: str) -> list[LabelledRow]:
+    """Every non-blank line of the JSONL files, in order, with its label; a row without a string label is an
+    InputError naming the file, row and field."""
+    rows = []
+    for path in paths:
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(path, None, None, f"cannot read it: {err}") from None
+        for row, line in enumerate(line for line in lines if line.strip()):
+            try:
+                label = json.loads(line).get(label_column)
+            except (ValueError, AttributeError):
+                raise InputError(path, row, None, "not a JSON object") from None
+            if not isinstance(label, str) or not label:
+                raise InputError(path, row, label_column, f"expected a non-empty string label, got {label!r}")
+            rows.append(LabelledRow(path, row, label, line))
+    return rows
+
+
+def row_metrics(run_dir: str | Path) -> dict[str, np.ndarray]:
+    """Per input row, from RUN_DIR/token_scores: `response_tokens` (scored), `masked_share` of them and
+    `mean_score` (NaN for a row with no scored response token), indexed by the input's row number."""
+    from datasets import load_from_disk
+
+    from toss_filter.run import list_column
+
+    sidecar = Path(run_dir) / "token_scores"
+    if not sidecar.exists():
+        raise ConfigError(f"{run_dir}: no token_scores/; run `toss-filter select` (or `filter`) on it first")
+    table = load_from_disk(str(sidecar)).data.table
+    scores, offsets = list_column(table, "score")
+    unsafe, _ = list_column(table, "unsafe")
+    rows = table.column("row").to_numpy()
+    scored = ~np.isnan(scores)
+    token_row = np.repeat(np.arange(len(rows)), np.diff(offsets))[scored]
+    count = np.bincount(token_row, minlength=len(rows))
+    masked = np.bincount(token_row, weights=unsafe[scored].astype(np.float64), minlength=len(rows))
+    total = np.bincount(token_row, weights=scores[scored].astype(np.float64), minlength=len(rows))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share, mean = masked / count, total / count
+    size = int(rows.max()) + 1 if len(rows) else 0
+    result = {name: np.full(size, np.nan) for name in ("masked_share", "mean_score")}
+    result["response_tokens"] = np.zeros(size, dtype=np.int64)
+    result["masked_share"][rows], result["mean_score"][rows], result["response_tokens"][rows] = share, mean, count
+    return result
+
+
+def separation(labels: list[str], metrics: dict[str, np.ndarray], positive: str) -> dict[str, Any]:
+    """Per group and per comparison of `positive` against each other group and against all of them ("rest"), over
+    the rows with a scored response token."""
+    labels_array = np.array(labels)
+    scored = metrics["response_tokens"][:len(labels)] > 0
+    share, score = metrics["masked_share"][:len(labels)], metrics["mean_score"][:len(labels)]
+    groups = {}
+    for group in sorted(set(labels)):
+        chosen = scored & (labels_array == group)
+        groups[group] = {
+            "rows": int(chosen.sum()), "rows_without_scored_tokens": int(((labels_array == group) & ~scored).sum()),
+            "masked_share_mean": _mean(share[chosen]), "mean_score_mean": _mean(score[chosen]),
+            "share_losing_over_half": _mean(share[chosen] > LOSES_HALF)}
+    is_positive = scored & (labels_array == positive)
+    others = {group: scored & (labels_array == group) for group in groups if group != positive}
+    others["rest"] = scored & (labels_array != positive)
+    comparisons = {group: {
+        "rows": int(chosen.sum()), "masked_share_mean": _mean(share[chosen]), "mean_score_mean": _mean(score[chosen]),
+        "auroc_masked_share": auroc(share[is_positive], share[chosen]),
+        "auroc_mean_score": auroc(score[is_positive], score[chosen]),
+        "share_losing_over_half": _mean(share[chosen] > LOSES_HALF)} for group, chosen in others.items()}
+    return {"positive": positive, "groups": groups, "comparisons": comparisons}
+
+
+def _mean(values: np.ndarray) -> float | None:
+    return float(values.mean()) if len(values) else None
+
+
+def evaluate_references(config: EvalRefsConfig, show_progress: bool = True) -> dict[str, Any]:
+    """Filter the concatenated inputs with the references at `config.ratio` and measure the separation; writes
+    and returns eval-refs.json's content (with `plot`: the PNG's path, or `plot_skipped`: why there is none)."""
+    from toss_filter.api import filter_dataset
+
+    started = time.perf_counter()
+    out = Path(config.output)
+    rows = read_labels(config.inputs, config.label_column)
+    if config.positive not in {row.label for row in rows}:
+        raise ConfigError(f"no row of {', '.join(config.inputs)} has {config.label_column} = {config.positive!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    combined = out / "input.jsonl"
+    text = "".join(row.line + "\n" for row in rows)
+    if not combined.exists() or combined.read_text(encoding="utf-8") != text:  # unchanged: the run resumes
+        atomic_write_text(combined, text)
+    score = ScoreConfig(
+        input=str(combined), safety_model=config.safety_model, utility_model=config.utility_model,
+        run_dir=str(out / "run"), base_model=config.base_model, template=config.template,
+        max_length=config.max_length, dtype=config.dtype, device=config.device,
+        max_batch_tokens=config.max_batch_tokens, trust_remote_code=config.trust_remote_code,
+        allow_pickle_weights=config.allow_pickle_weights)
+    select = SelectConfig(run_dir=score.run_dir, output=str(out / "filtered"), ratio=config.ratio, keep_empty=True)
+    try:
+        stats = filter_dataset(score, select, show_progress=show_progress)
+    except InputError as err:  # name the user's file and row, not the concatenation's
+        if err.row is None or err.source != str(combined):
+            raise
+        raise InputError(rows[err.row].file, rows[err.row].row, err.field, err.problem) from None
+    metrics = row_metrics(score.run_dir)
+    if len(metrics["masked_share"]) != len(rows):
+        raise ConfigError(f"{score.run_dir} scored {len(metrics['masked_share'])} rows but the inputs hold {len(rows)}")
+    result = {"config": as_dict(config), "masked_share": stats["masked_share"],
+              "scored_tokens": stats["scored_tokens"], "masked_tokens": stats["masked_tokens"],
+              **separation([row.label for row in rows], metrics, config.positive),
+              "rows": [{"file": row.file, "row": row.row, "label": row.label,
+                        "response_tokens": int(metrics["response_tokens"][i]),
+                        "masked_share": _finite(metrics["masked_share"][i]),
+                        "mean_score": _finite(metrics["mean_score"][i])}
+                       for i, row in enumerate(rows)]}
+    result |= write_plot(result, out / "eval-refs.png")
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    atomic_write_text(out / "eval-refs.json", json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def _finite(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
+
+
+def write_plot(result: dict[str, Any], path: Path) -> dict[str, str]:
+    """A PNG of each group's per-row masked share and mean score: {"plot": path}, or {"plot_skipped": why}."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: never open a window
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        return {"plot_skipped": f"matplotlib is not installed ({err}); pip install 'toss-filter[reproduce]'"}
+    groups = list(result["groups"])
+    figure, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(groups) + 1.8))
+    for axis, key, title in ((axes[0], "masked_share", f"masked share per row (ratio {result['config']['ratio']})"),
+                             (axes[1], "mean_score", "mean score S per row")):
+        values = [[row[key] for row in result["rows"] if row["label"] == group and row[key] is not None]
+                  for group in groups]
+        for y, group_values in enumerate(values, start=1):
+            axis.scatter(group_values, np.full(len(group_values), y) + np.linspace(-0.25, 0.25, len(group_values)),
+                         s=5, alpha=0.4)
+            if group_values:
+                axis.plot([np.mean(group_values)] * 2, [y - 0.35, y + 0.35], color="black")  # the group's mean
+        axis.set_yticks(range(1, len(groups) + 1), groups)
+        axis.set_title(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return {"plot": str(path)}
+
+
+def summary_table(result: dict[str, Any]) -> Any:
+    """A rich Table: one line per group, with its comparison against the positive group."""
+    from rich.table import Table
+
+    table = Table(title=f"{result['positive']} against each group, ratio {result['config']['ratio']}")
+    for name in ("group", "rows", "masked share (mean per row)", "mean score", "rows losing > half",
+                 "AUROC masked share", "AUROC mean score"):
+        table.add_column(name, justify="left" if name == "group" else "right")
+    comparisons = result["comparisons"]
+    for group in [*result["groups"], *(["rest"] if len(comparisons) > 2 else [])]:  # rest = the one other group
+        stats = result["groups"].get(group) or comparisons[group]
+        versus = comparisons.get(group, {})
+        table.add_row(group, str(stats["rows"]), _percent(stats["masked_share_mean"]),
+                      _number(stats["mean_score_mean"]), _percent(stats["share_losing_over_half"]),
+                      _number(versus.get("auroc_masked_share")), _number(versus.get("auroc_mean_score")))
+    return table
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
