@@ -123,3 +123,12 @@ def test_without_matplotlib_the_plot_is_skipped_with_the_reason(tmp_path, monkey
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an environment without it gives
     skipped = write_plot({"groups": {}, "rows": [], "config": {"ratio": 0.2}}, tmp_path / "p.png")
     assert "matplotlib is not installed" in skipped["plot_skipped"] and not (tmp_path / "p.png").exists()
+
+
+def test_a_row_the_pipeline_refuses_is_named_in_its_own_file(tmp_path, tiny_models):
+    first = write_jsonl(tmp_path / "first.jsonl", rows("harmful", 3, "x"))
+    second = write_jsonl(tmp_path / "second.jsonl", rows("benign", 1, "y") + [{"prompt": "p", "completion": 5, "label": "benign"}])
+    result = CliRunner().invoke(app, ["eval-refs", str(first), str(second), "--safety-model", str(tiny_models["safety"]),
+                                      "--utility-model", str(tiny_models["utility"]), "--output", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"toss-filter: error: {second}: row 1: field 'completion': ")
