@@ -35,9 +35,10 @@ def test_counts_context_and_weights_at_a_given_rate(data, tiny_models, tokenizer
     assert result["rows"] == len(ROWS)
     assert result["tokens"] == sum(len(t.input_ids) for t in tokenized)
     assert result["response_tokens"] == sum(int((np.asarray(t.labels) != -100).sum()) for t in tokenized)
+    assert result["scored_tokens"] == result["response_tokens"]  # reasoning scored (the default); no reasoning here
     assert result["longest_row"] == max(len(t.input_ids) for t in tokenized)
     assert result["context"] == 1024  # the tiny Llama's max_position_embeddings
-    assert result["load_s"] is None  # a given rate loads no weights
+    assert result["load_s"] is None and result["measured_peak_bytes"] is None  # a given rate loads no weights
     assert result["score_s"] == pytest.approx(result["tokens"] * 2 / 1000.0)
     # one shared base (tied embeddings counted once) and both adapters, in float32
     base = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(tiny_models["base"]).parameters())
@@ -45,6 +46,14 @@ def test_counts_context_and_weights_at_a_given_rate(data, tiny_models, tokenizer
                    for t in load_file(tiny_models[role] / "adapter_model.safetensors").values())
     assert result["weights_bytes"] == (base + adapters) * 4
     assert result["activation_bytes"] > 0
+
+
+def test_reasoning_left_unscored_is_counted_apart(tmp_path, tiny_models):
+    data = write_jsonl(tmp_path / "think.jsonl", [chat("Hi?", "<think>Let me think it over.</think>Hello.")])
+    scored = estimate_run(config(data, tiny_models), rate=1000.0, show_progress=False)
+    unscored = estimate_run(config(data, tiny_models, score_reasoning=False), rate=1000.0, show_progress=False)
+    assert scored["scored_tokens"] == scored["response_tokens"] == unscored["response_tokens"]
+    assert unscored["scored_tokens"] < unscored["response_tokens"]
 
 
 def test_limit_counts_only_the_first_rows(data, tiny_models):
@@ -57,6 +66,7 @@ def test_measured_rate_comes_from_real_forward_passes(data, tiny_models):
     assert result["rate"] > 0 and result["load_s"] > 0
     assert result["rate_source"].startswith("measured here on ")
     assert result["total_s"] == pytest.approx(result["tokenize_s"] + result["load_s"] + result["score_s"])
+    assert result["measured_peak_bytes"] > result["weights_bytes"]
 
 
 def invoke(*args):

@@ -44,6 +44,17 @@ def test_the_scored_style_covers_exactly_the_response_tokens(tmp_path, tokenizer
     assert styled == "It is 4.↵\nFour.<|im_end|>"
 
 
+def test_reasoning_under_no_score_reasoning_is_trained_but_not_scored(tmp_path, tokenizer):
+    encode = ConversationTokenizer(tokenizer, resolve_format(tokenizer, "chat"), score_reasoning=False)
+    row = chat("Hi?", "<think>Let me think.</think>Hello there.")
+    [(_, tokens)] = inspect_rows(str(write_jsonl(tmp_path / "d.jsonl", [row])), encode, rows=1)
+    text = render_row(tokenizer, tokens)
+    trained = "".join(text.plain[span.start:span.end] for span in text.spans if span.style == STYLES["trained"])
+    assert trained == "Let me think."
+    counts = row_counts(tokens)
+    assert counts["response"] - counts["scored"] == len(tokens.unscored) > 0
+
+
 def test_token_pieces_keep_multibyte_characters_whole(tokenizer):
     ids = tokenizer("naïve 日本語 🙂 done")["input_ids"]
     pieces = token_pieces(tokenizer, ids)

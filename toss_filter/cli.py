@@ -409,8 +409,7 @@ def inspect_command(
     tokenizer: Annotated[str, typer.Option("--tokenizer", help="The model or adapter directory (or Hub name) whose tokenizer and chat template to use: the one you will pass as --safety-model.")] = EMBEDDED_MODEL_ID,
     base_model: BaseModel = None, max_length: MaxLength = None, split: Split = None, column: Column = None,
     name: DatasetName = None, trust_remote_code: RemoteCode = False,
-    score_reasoning: Annotated[bool, typer.Option("--score-reasoning/--no-score-reasoning", help="Show reasoning tokens as scored, or as trained but not scored (as filter --no-score-reasoning).")] = True,
-    verbose: Verbose = False,
+    score_reasoning: ScoreReasoning = True, verbose: Verbose = False,
 ) -> None:
     """Show the first rows as `filter` tokenizes them, response tokens highlighted, with their counts. Loads the
     tokenizer only, no model."""
@@ -432,9 +431,9 @@ def inspect_command(
 @app.command("estimate")
 def estimate_command(
     input: Input, safety_model: SafetyModel, utility_model: UtilityModel, base_model: BaseModel = None,
-    template: Template = "chat", max_length: MaxLength = None, limit: Limit = None, split: Split = None,
-    column: Column = None, name: DatasetName = None, dtype: Dtype = "auto", device: Device = "auto",
-    max_batch_tokens: BatchTokens = None, trust_remote_code: RemoteCode = False,
+    template: Template = "chat", max_length: MaxLength = None, score_reasoning: ScoreReasoning = True,
+    limit: Limit = None, split: Split = None, column: Column = None, name: DatasetName = None, dtype: Dtype = "auto",
+    device: Device = "auto", max_batch_tokens: BatchTokens = None, trust_remote_code: RemoteCode = False,
     allow_pickle_weights: AllowPickle = False,
     measure: Annotated[bool, typer.Option("--measure/--no-measure", help="Measure the scoring rate here (a few seconds of forward passes of the real references on a sample of the rows), or use --rate.")] = True,
     rate: Annotated[Optional[float], typer.Option("--rate", min=0.001, help="With --no-measure: model tokens/s to estimate with (e.g. model_tokens_per_s of an earlier run.json).")] = None,

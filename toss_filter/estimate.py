@@ -5,14 +5,17 @@ read (`limit` included), and loads the references' weights only to measure the s
 
 The result (counts over the rows `filter` would read):
 
-    {"rows", "tokens", "response_tokens", "longest_row",
+    {"rows", "tokens", "response_tokens", "scored_tokens", "longest_row",
      "context": the references' context (smallest max_position_embeddings of their configs), None if unknown,
      "device", "dtype", "batch_tokens": the torch scorer's padded token budget per forward pass,
      "rate": model tokens/s (one token under one reference), "rate_source": how it was found,
      "tokenize_s": measured here over all rows, "load_s": measured loading the weights (None with a given rate),
      "score_s": tokens × 2 references / rate, "total_s": their sum,
      "weights_bytes": parameters of every loaded model and adapter × the dtype's bytes (None if unknown),
-     "activation_bytes": one forward pass at the token budget (see `activation_bytes`)}
+     "activation_bytes": one forward pass at the token budget (see `activation_bytes`),
+     "measured_peak_bytes": the peak memory of this process while it measured the rate (loading the weights and
+                            whole batches at the budget): on CPU its peak RSS (Python, torch and the weights' file
+                            mapping included), on CUDA torch's peak allocation; None with a given rate}
 
 Time is an estimate at a rate: measured on this machine when `rate` is None, by a calibration of a few seconds (the
 first reference on batches drawn from a seeded sample of the real rows, packed as the scorer packs them, after
@@ -59,15 +62,16 @@ def estimate_run(config: ScoreConfig, rate: float | None = None, show_progress: 
         load_s = time.perf_counter() - started
         rate, measured_tokens = measure_rate(references, model, sample, batch_tokens)
         rate_source = f"measured here on {measured_tokens:,} tokens of the input"
+        peak_bytes = peak_memory(references.device)
     else:
-        rate_source = "given (--rate)"
+        rate_source, peak_bytes = "given (--rate)", None
     score_s = counts["tokens"] * len(ROLES) / rate
     model_config = text_config(references, ROLES[0])
     return counts | {
         "context": context(references), "device": references.device, "dtype": str(references.dtype).removeprefix("torch."),
         "batch_tokens": batch_tokens, "rate": rate, "rate_source": rate_source, "load_s": load_s,
         "score_s": score_s, "total_s": counts["tokenize_s"] + (load_s or 0.0) + score_s,
-        "weights_bytes": weights_bytes(references),
+        "weights_bytes": weights_bytes(references), "measured_peak_bytes": peak_bytes,
         "activation_bytes": activation_bytes(model_config, max(batch_tokens, counts["longest_row"]),
                                              counts["longest_row"], references.dtype.itemsize),
     }
@@ -76,25 +80,27 @@ def estimate_run(config: ScoreConfig, rate: float | None = None, show_progress: 
 def count_tokens(config: ScoreConfig, references: ReferenceModels,
                  show_progress: bool = True) -> tuple[dict[str, Any], list[TokenRow]]:
     """Tokenize the rows `filter` would read, as it does; returns the counts (`rows`, `tokens`, `response_tokens`,
-    `longest_row`, `tokenize_s`) and a seeded sample of up to `SAMPLE_ROWS` rows as `(input_ids, labels)`."""
+    `scored_tokens`, `longest_row`, `tokenize_s`) and a seeded sample of up to `SAMPLE_ROWS` rows as the scorer gets them, `(input_ids, labels of the scored
+    tokens)`."""
     started = time.perf_counter()
     encode = ConversationTokenizer(references.tokenizer, resolve_format(references.tokenizer, config.template),
-                                   config.max_length)
-    counts = {"rows": 0, "tokens": 0, "response_tokens": 0, "longest_row": 0}
+                                   config.max_length, config.score_reasoning)
+    counts = {"rows": 0, "tokens": 0, "response_tokens": 0, "scored_tokens": 0, "longest_row": 0}
     sample: list[TokenRow] = []
     draw = random.Random(0)
     conversations = islice(load_conversations(config.input, config.split, config.columns, config.name), config.limit)
     with Progress("tokenize", rows_to_read(config), "rows", show_progress) as progress:
         for row, conversation in conversations:
             tokens = encode(conversation, config.input, row)
-            ids, labels = np.asarray(tokens.input_ids), np.asarray(tokens.labels)
+            ids, labels, scored = np.asarray(tokens.input_ids), np.asarray(tokens.labels), np.asarray(tokens.scored)
             counts["rows"] += 1
             counts["tokens"] += len(ids)
             counts["response_tokens"] += int((labels != -100).sum())
+            counts["scored_tokens"] += int(scored.sum())
             counts["longest_row"] = max(counts["longest_row"], len(ids))
             slot = len(sample) if len(sample) < SAMPLE_ROWS else draw.randrange(counts["rows"])
             if slot < SAMPLE_ROWS:  # reservoir sampling: every row equally likely, whatever the input's length
-                sample[slot:slot + 1] = [(ids, labels)]
+                sample[slot:slot + 1] = [(ids, np.where(scored, ids, -100))]  # the labels the scorer gets
             progress.advance(1)
     return counts | {"tokenize_s": time.perf_counter() - started}, sample
 
@@ -121,6 +127,17 @@ def measure_rate(references: ReferenceModels, model: Any, sample: list[TokenRow]
         if elapsed >= seconds:
             break
     return tokens / elapsed, tokens
+
+
+def peak_memory(device: str) -> int:
+    """Peak bytes so far: torch's peak allocation on CUDA, else this process's peak resident set."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def text_config(references: ReferenceModels, role: str) -> Any:
@@ -198,11 +215,13 @@ def describe(result: dict[str, Any]) -> list[str]:
               _gib(result["weights_bytes"] + result["activation_bytes"]))
     return [
         f"rows:         {result['rows']:,}",
-        f"tokens:       {result['tokens']:,} ({result['response_tokens']:,} response tokens)",
+        f"tokens:       {result['tokens']:,} ({result['response_tokens']:,} response, {result['scored_tokens']:,} scored)",
         f"longest row:  {result['longest_row']:,} tokens{fits}",
         f"time:         about {_duration(result['total_s'])} (an estimate): {result['tokens']:,} tokens × 2 references "
         f"at {result['rate']:,.0f} model tokens/s ({result['rate_source']}; {result['device']}, {result['dtype']}) "
         f"= {_duration(result['score_s'])} scoring{load} + {_duration(result['tokenize_s'])} tokenizing",
         f"memory:       about {memory} (an estimate): weights {_gib(result['weights_bytes'])} + activations "
-        f"{_gib(result['activation_bytes'])} at {result['batch_tokens']:,} tokens per forward pass",
+        f"{_gib(result['activation_bytes'])} at {result['batch_tokens']:,} tokens per forward pass"
+        + (f"; peak measured while measuring the rate: {_gib(result['measured_peak_bytes'])}"
+           if result["measured_peak_bytes"] is not None else ""),
     ]

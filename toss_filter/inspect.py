@@ -5,8 +5,8 @@
 
 Each row is shown as its tokens, in the styles of `STYLES`: `scored` for a response token TOSS scores (and may
 mask), `trained` for one a trainer learns but TOSS does not score (reasoning under --no-score-reasoning), `prompt`
-for the rest. A header line per row counts its tokens, response tokens (`labels != -100`) and scored tokens; a
-last line gives the totals.
+for the rest. A header line per row counts its tokens, response tokens (`labels != -100`) and scored tokens
+(`Tokenized.scored`); a last line gives the totals.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def inspect_rows(source: str, encode: ConversationTokenizer, rows: int, split: s
 def token_kinds(tokens: Tokenized) -> np.ndarray:
     """Per token: 0 prompt, 1 scored, 2 trained but not scored."""
     response = np.asarray(tokens.labels) != IGNORE_INDEX
-    return response.astype(np.int8)
+    return np.where(np.asarray(tokens.scored, dtype=bool), 1, np.where(response, 2, 0)).astype(np.int8)
 
 
 def row_counts(tokens: Tokenized) -> dict[str, int]:
@@ -91,5 +91,5 @@ def render(inspected: list[tuple[int, Tokenized]], tokenizer: PreTrainedTokenize
         totals = {key: totals[key] + counts[key] for key in totals}
         truncated = " (truncated by --max-length)" if tokens.truncated else ""
         parts += [Text(f"\nrow {row}: {_counts_line(counts)}{truncated}", style="bold"), render_row(tokenizer, tokens)]
-    parts.append(Text(f"\n{len(inspected)} rows: {_counts_line(totals)}", style="bold"))
+    parts.append(Text(f"\n{len(inspected)} row{'' if len(inspected) == 1 else 's'}: {_counts_line(totals)}", style="bold"))
     return Group(*parts)
