@@ -215,9 +215,8 @@ READERS = (_shadow, _gptfuzz, _jailbreakbench, _hh, _gpteacher, _alpaca_eval, _c
 
 
 def _is_heldout(source: str, unit: str) -> bool:
-    split, _, rest = unit.partition(":")
-    if split in ("heldout", "train") and source in ("gptfuzz", "jailbreakbench", "gsm8k"):
-        return split == "heldout"
+    if source in ("gptfuzz", "jailbreakbench", "gsm8k"):  # their own split, given in the unit
+        return unit.startswith("heldout:")
     return heldout_unit(unit)
 
 
