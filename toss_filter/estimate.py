@@ -20,6 +20,19 @@ The result (counts over the rows `filter` would read):
 Time is an estimate at a rate: measured on this machine when `rate` is None, by a calibration of a few seconds (the
 first reference on batches drawn from a seeded sample of the real rows, packed as the scorer packs them, after
 one warm-up row), else the rate given. Selecting and writing the output are not counted.
+
+Checked against real runs (2 CPU cores shared with other work, float32, budget 2048): `estimate`, then `filter`,
+then `estimate` again, each with `--limit 40` on examples/data/custom_mix.jsonl and the bundled adapters (8,364
+tokens; 16,728 model tokens scored). Twice:
+
+    run  load average   estimate before   filter (wall)   estimate after   estimated / actual
+    1    5.1 - 8.0      210 s (86 tok/s)  277 s (65 tok/s)  417 s (42 tok/s)  0.76, 1.51
+    2    7.3 - 8.9      407 s (43 tok/s)  388 s (46 tok/s)  190 s (96 tok/s)  1.05, 0.49
+
+So on a machine whose other load comes and goes, the estimate is only as good as the few seconds it measured:
+within a factor of 2 here, not better. Memory: the two `filter` runs peaked at 1.34 and 1.23 GiB resident;
+the peak measured while calibrating was 1.23 and 1.21 GiB (0.92-0.98 of it), while weights + activations
+(0.52 + 0.22 GiB) leave out Python, torch and the weights' file mapping while they load (about 0.5 GiB here).
 """
 
 from __future__ import annotations
@@ -221,7 +234,8 @@ def describe(result: dict[str, Any]) -> list[str]:
         f"at {result['rate']:,.0f} model tokens/s ({result['rate_source']}; {result['device']}, {result['dtype']}) "
         f"= {_duration(result['score_s'])} scoring{load} + {_duration(result['tokenize_s'])} tokenizing",
         f"memory:       about {memory} (an estimate): weights {_gib(result['weights_bytes'])} + activations "
-        f"{_gib(result['activation_bytes'])} at {result['batch_tokens']:,} tokens per forward pass"
+        f"{_gib(result['activation_bytes'])} at {result['batch_tokens']:,} tokens per forward pass (Python and "
+        "torch themselves not counted)"
         + (f"; peak measured while measuring the rate: {_gib(result['measured_peak_bytes'])}"
            if result["measured_peak_bytes"] is not None else ""),
     ]
