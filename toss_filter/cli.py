@@ -409,7 +409,7 @@ def inspect_command(
     tokenizer: Annotated[str, typer.Option("--tokenizer", help="The model or adapter directory (or Hub name) whose tokenizer and chat template to use: the one you will pass as --safety-model.")] = EMBEDDED_MODEL_ID,
     base_model: BaseModel = None, max_length: MaxLength = None, split: Split = None, column: Column = None,
     name: DatasetName = None, trust_remote_code: RemoteCode = False,
-    score_reasoning: ScoreReasoning = True, verbose: Verbose = False,
+    score_reasoning: ScoreReasoning = True, quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
     """Show the first rows as `filter` tokenizes them, response tokens highlighted, with their counts. Loads the
     tokenizer only, no model."""
@@ -425,7 +425,9 @@ def inspect_command(
         encode = ConversationTokenizer(loaded, resolve_format(loaded, template), max_length, score_reasoning)
         return render(inspect_rows(input, encode, rows, split, _columns(column), name), loaded)
 
-    Console().print(_run(action))
+    shown = _run(action)
+    if not quiet:  # with --quiet, only the exit code says whether the rows tokenize
+        Console().print(shown)
 
 
 @app.command("estimate")
@@ -448,8 +450,8 @@ def estimate_command(
     params = dict(locals())
     # estimate writes nothing: the run directory of a ScoreConfig is not used
     result = _run(lambda: estimate_run(_config(ScoreConfig, params, run_dir=""), rate, show_progress=not quiet))
-    for line in describe(result):
-        typer.echo(line)
+    if not quiet:
+        typer.echo("\n".join(describe(result)))
 
 
 @app.command("report")
