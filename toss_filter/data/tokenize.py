@@ -71,8 +71,10 @@ PAPER_TEMPLATE = (
 IGNORE_INDEX = -100
 REASONING_NAMES = ("reasoning_content", "thinking", "reasoning")
 # Text a template may test content for (Qwen3 splits reasoning at </think> and finds tool results by their tag),
-# kept verbatim in the sentinel rendering on top of the tokenizer's own added tokens.
+# kept verbatim in the sentinel rendering. Special tokens inside content are not among them: they are text of the
+# turn, and a template that tested for them could not tell a turn's end from its content either.
 MARKERS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
+MARKER = re.compile("(" + "|".join(map(re.escape, MARKERS)) + ")")
 SENTINEL = re.compile("\ue000(\\d+)\ue001")  # private-use characters: no template or tokenizer touches them
 GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 CONTENT_PARTS = re.compile(r"\[\s*['\"](?:type|text)['\"]\s*\]|\.type\b")
@@ -158,12 +160,6 @@ def _special_token_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     return sorted((s for s in specials if s), key=len, reverse=True)
 
 
-def _marker_pattern(tokenizer: PreTrainedTokenizerBase) -> re.Pattern[str]:
-    added = {token.content for token in tokenizer.added_tokens_decoder.values() if token.content.strip()}
-    markers = sorted(added | set(MARKERS), key=len, reverse=True)
-    return re.compile("(" + "|".join(map(re.escape, markers)) + ")")
-
-
 def _one_line(err: Exception) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
@@ -194,9 +190,8 @@ class _Field:
 class _Skeleton:
     """The conversation with every field's text replaced by a sentinel, and what each sentinel stands for."""
 
-    def __init__(self, messages: list[dict[str, Any]], markers: re.Pattern[str]):
+    def __init__(self, messages: list[dict[str, Any]]):
         self.fields: list[_Field] = []
-        self.markers = markers
         self.messages = [self._message(i, message) for i, message in enumerate(messages)]
 
     def _message(self, index: int, message: dict[str, Any]) -> dict[str, Any]:
@@ -232,9 +227,17 @@ class _Skeleton:
 
     def _text(self, value: str, index: int, where: str, reasoning: bool) -> str:
         """`value` with each text piece between markers replaced by a sentinel, outer whitespace and markers kept.
-        Pieces between `<think>` and `</think>` count as reasoning."""
+        Pieces inside `<think>...</think>`, and any before a `</think>` (DeepSeek-R1's outputs open the block in
+        the prompt; Qwen3 and DeepSeek templates cut content at the last `</think>`), count as reasoning. A value
+        made of markers only is one piece."""
+        pieces = MARKER.split(value)
+        if value.strip() and not any(piece.strip() for piece in pieces[::2]):
+            pieces = [value]
+        closes = [False] * len(pieces)  # whether a </think> comes after piece k: templates treat what is before as reasoning
+        for k in range(len(pieces) - 2, -1, -1):
+            closes[k] = pieces[k + 1] == "</think>" or closes[k + 1]
         out, position, first, in_think, tail_start = [], 0, None, reasoning, None
-        for k, piece in enumerate(self.markers.split(value)):
+        for k, piece in enumerate(pieces):
             position += len(piece)
             core = piece.strip()
             if k % 2 or not core:
@@ -242,7 +245,7 @@ class _Skeleton:
                 in_think = True if piece == "<think>" else False if piece == "</think>" else in_think
                 continue
             lead = piece[:len(piece) - len(piece.lstrip())]
-            self.fields.append(_Field(index, where, in_think, core))
+            self.fields.append(_Field(index, where, reasoning or in_think or closes[k], core))
             if first is None:
                 first = self.fields[-1]
                 first.head = value[:position - len(piece) + len(lead)]
@@ -269,7 +272,6 @@ class ConversationTokenizer:
         self.score_reasoning = score_reasoning
         self.special_tokens = _special_token_strings(tokenizer)
         self.special_pattern = re.compile("|".join(map(re.escape, self.special_tokens)) or "(?!)")
-        self.markers = _marker_pattern(tokenizer)
         self._turn_tokens: set[str] | None = None
 
     def turn_tokens(self, row: _Row) -> set[str]:
@@ -330,7 +332,7 @@ class _Row:
         self.refuse_if_long(sum(_text_length(value) for m in self.messages for key, value in m.items() if key != "role"))
         text = self.render(self.messages)
         self.refuse_if_long(len(text))
-        skeleton = _Skeleton(self.messages, self.encode.markers)
+        skeleton = _Skeleton(self.messages)
         spans = self.field_spans(text, self.render(skeleton.messages), skeleton.fields)
         dropped = self.check_rendered(skeleton.fields, spans)
         responses = self.response_spans(text, skeleton, spans)
@@ -429,12 +431,14 @@ class _Row:
                    for k in mine]
             first, last = own[0][0], max(e for _, e in own)
             gap_start = ends[mine[0] - 1] if mine[0] else 0
-            if prompt is None or text.rfind(prompt, gap_start, first) < 0:
+            # The generation prompt may end inside the markers a content opens with (DeepSeek-R1 prompts `<think>`).
+            own_start = placed[mine[0]][0]
+            if prompt is None or text.rfind(prompt, gap_start, own_start) < 0:
                 prompt = self.generation_prompt(skeleton.messages[:index])
+            start = self.response_start(text, gap_start, own_start, prompt, skeleton.messages[:index])
             following = bisect.bisect_left(starts, last)
             limit = starts[following] if following < len(starts) else len(text)
-            responses.append((self.response_start(text, gap_start, first, prompt),
-                              self.response_end(text, last, limit, not_closing)))
+            responses.append((first if start is None else start, self.response_end(text, last, limit, not_closing)))
         return responses
 
     def generation_prompt(self, messages: list[dict[str, Any]]) -> str:
@@ -468,18 +472,25 @@ class _Row:
         tail = f.tail.rstrip()
         return end + len(tail) if tail.strip() and text.startswith(tail, end) else end
 
-    def response_start(self, text: str, gap_start: int, first: int, prompt: str) -> int:
+    def response_start(self, text: str, gap_start: int, limit: int, prompt: str,
+                       before: list[dict[str, Any]]) -> int | None:
         """Where the model starts generating: after the generation prompt in the template text before the turn's
         first field (or the longest start of it that is there: DeepSeek-R1 prompts `<think>\\n`, which a training
-        row without reasoning does not have). A template without a generation prompt starts the turn after the
-        special token that closes the turn before (Mistral's `[/INST]`, so a `[TOOL_CALLS]` header is response),
-        and with no special token there (the paper template), at the first field."""
+        row without reasoning does not have). A template without a generation prompt starts the turn where the
+        rendering of the messages `before` it ends, when that ends on a special token (Mistral's `[/INST]`, so a
+        `[TOOL_CALLS]` header is response). None: at the turn's first field (the paper template)."""
         for length in range(len(prompt), 0, -1):
-            found = text.rfind(prompt[:length], gap_start, first)
+            found = text.rfind(prompt[:length], gap_start, limit)
             if found >= 0:
                 return found + length
-        closing = self.encode.special_pattern.search(text, gap_start, first) if gap_start else None
-        return closing.end() if closing else first
+        if not before:
+            return None
+        rendered = self.render(before)
+        placed = list(SENTINEL.finditer(rendered))
+        ending = rendered[placed[-1].end():] if placed else rendered
+        if self.encode.special_pattern.search(ending) and text.startswith(ending, gap_start):
+            return min(gap_start + len(ending), limit)
+        return None
 
     def response_end(self, text: str, last: int, limit: int, not_closing: set[str]) -> int:
         """After the first special token that closes the turn in the template text after its last field (the
