@@ -34,6 +34,9 @@ def load_real_tokenizer(family: str) -> PreTrainedTokenizerFast:
                     f"(or python {_FETCH_PY.relative_to(_FETCH_PY.parents[3])})", pytrace=False)
     # tokenizer_config.json names the class, so AutoTokenizer needs no config.json.
     tokenizer = AutoTokenizer.from_pretrained(directory)
+    if "added_special_tokens" in entry:  # Phi-3.5: Llama-2's vocabulary plus Phi's turn tokens, in Phi's order
+        tokenizer.add_special_tokens({"additional_special_tokens": entry["added_special_tokens"]})
+        tokenizer.eos_token = entry["eos_token"]
     if "template" in entry:
         tokenizer.chat_template = (_FETCH_PY.parent / entry["template"]).read_text(encoding="utf-8")
     return tokenizer

@@ -67,6 +67,8 @@ EXPECTED = {
     ("deepseek_v3", "tool_call"): [
         '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{"city": "Paris"}\n```'
         '<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜>', "It is 21 degrees.<｜end▁of▁sentence｜>"],
+    ("phi3_5", "plain"): ["Hello there.<|end|>", "It is 4.<|end|>"],  # not the <|endoftext|> after the last turn
+    ("phi3_5_generation", "plain"): ["Hello there.<|end|>", "It is 4.<|end|>"],
     ("gptoss", "plain"): ["<|channel|>final<|message|>Hello there.<|end|>", "<|channel|>final<|message|>It is 4.<|return|>"],
     ("gptoss", "tool_call"): [' to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris"}<|call|>',
                               "<|channel|>final<|message|>It is 21 degrees.<|return|>"],
@@ -197,6 +199,7 @@ PROPERTY_FAMILIES = {
     "qwen2_5": (True, True, False), "llama3_1": (True, True, False), "qwen3": (True, True, True),
     "qwen3_generation": (True, True, True), "mistral_nemo": (False, True, False), "gemma3": (True, False, False),
     "gemma2": (False, False, False), "deepseek_v3": (True, False, False), "gptoss": (True, True, True),
+    "phi3_5": (True, False, False), "phi3_5_generation": (True, False, False),
 }
 
 
@@ -228,10 +231,13 @@ def incremental_responses(tokenizer, messages: list[dict], tools) -> tuple[str, 
     full, spans = render(messages), []
     specials = sorted(tokenizer.all_special_tokens + [t.content for t in tokenizer.added_tokens_decoder.values()
                                                       if t.special], key=len, reverse=True)
+    eos = tokenizer.eos_token if "eos_token" in tokenizer.chat_template else None
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         before, upto = render(messages[:i], True), render(messages[:i + 1])
+        if eos and upto.endswith("\n" + eos):  # Phi-3.5 writes "\n<|endoftext|>" after the last turn's <|end|>
+            upto = upto[:-len(eos)]
         assume(upto.startswith(before) and full.startswith(upto))
         turn = upto[len(before):]
         stripped = turn.rstrip()

