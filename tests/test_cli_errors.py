@@ -75,7 +75,7 @@ def test_unknown_role(tmp_path, tiny_models):
     line = assert_clean_failure(tmp_path, *run_filter(tmp_path, data, models=tiny_models),
                                 str(data), "row 2", "messages[1].role", "unknown role 'robot'")
     assert line == (f"{ERROR_PREFIX}{data}: row 2: field 'messages[1].role': "
-                    "unknown role 'robot' (expected one of system, user, assistant)")
+                    "unknown role 'robot' (expected one of system, developer, user, assistant, tool, ipython)")
 
 
 def test_missing_role(tmp_path, tiny_models):
@@ -95,7 +95,7 @@ def test_content_of_wrong_type(tmp_path, tiny_models):
     data = write_jsonl(tmp_path / "data.jsonl", [GOOD_ROWS[0], {
         "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": 42}]}])
     assert_clean_failure(tmp_path, *run_filter(tmp_path, data, models=tiny_models),
-                         str(data), "row 1", "messages[1].content", "expected a string, got int")
+                         str(data), "row 1", "messages[1].content", "expected a string or a list of text parts, got int")
 
 
 def test_prompt_of_wrong_type(tmp_path, tiny_models):
@@ -291,7 +291,7 @@ def test_allow_pickle_weights_is_an_option_of_filter_and_score(tmp_path, pickle_
                                       safety=str(pickle_models["base"]), utility=str(pickle_models["base"]))
     assert code == 0, stderr
     assert json.loads((tmp_path / "out-run" / "config.json").read_text())["score"]["allow_pickle_weights"] is True
-    result = CliRunner().invoke(app, ["score", "--help"])
+    result = CliRunner().invoke(app, ["score", "--help"], env={"COLUMNS": "200"})  # rich squeezes long names
     assert "--allow-pickle-weights" in result.stdout
 
 

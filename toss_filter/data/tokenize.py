@@ -566,10 +566,12 @@ def tokens_table(tokenized: Iterable[tuple[int, Tokenized]], with_unscored: bool
     Columns: `row` (int64, the input row index), `input_ids` and `labels` (list<int32>; `labels` holds the
     SCORED response tokens: those of `Tokenized.labels` not in `Tokenized.unscored`), `truncated` (bool), and, only
     `with_unscored` (so tables of other runs keep their layout), `unscored` (list<int32>: positions trained but not
-    scored). `training_labels` puts the unscored tokens back.
+    scored; the writer trains on them). The schema's metadata `reasoning_dropped_turns` counts the turns whose
+    reasoning the template dropped by design (absent when none).
     """
-    rows, input_ids, labels, truncated, unscored = [], [], [], [], []
+    rows, input_ids, labels, truncated, unscored, dropped = [], [], [], [], [], 0
     for row, tokens in tokenized:
+        dropped += tokens.dropped_reasoning
         scored = list(tokens.labels)
         for j in tokens.unscored:
             scored[j] = IGNORE_INDEX
@@ -586,4 +588,4 @@ def tokens_table(tokenized: Iterable[tuple[int, Tokenized]], with_unscored: bool
     }
     if with_unscored:
         columns["unscored"] = pa.array(unscored, pa.list_(pa.int32()))
-    return pa.table(columns)
+    return pa.table(columns, metadata={"reasoning_dropped_turns": str(dropped)} if dropped else None)

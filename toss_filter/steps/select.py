@@ -208,6 +208,8 @@ def select_step(config: SelectConfig, executor: Any, show_progress: bool = True)
     write_s = time.perf_counter() - write_started
 
     stats = _stats(config, state, counts, decision)
+    manifest = run.tokens_manifest(state["tokens_key"]) or {}
+    stats |= {name: manifest.get(name, 0) for name in ("unscored_tokens", "reasoning_dropped_turns")}
     stats["timings"] = state["timings"] | {"select_s": round(select_s, 3), "write_s": round(write_s, 3)}
     stats["output"], stats["rejected_output"] = str(output), str(rejected_path(output))
     run.write_json("stats.json", stats)

@@ -7,7 +7,8 @@ remote work starts. Each shard's rows are tokenized in this process or, with `nu
 processes (at most two shards per worker in flight, so memory stays bounded). A shard that exists is not
 tokenized again; the manifest is written last, and its presence means the tokens are complete:
 
-    tokens/<key>/manifest.json: {"rows", "shards", "shard_rows", "tokens", "response_tokens", "longest_row",
+    tokens/<key>/manifest.json: {"rows", "shards", "shard_rows", "tokens", "response_tokens", "unscored_tokens",
+                                 "reasoning_dropped_turns", "longest_row",
                                  "truncated_rows", "invalid_rows", "digests": [sha256 per shard],
                                  "digest": sha256 of them all}
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from itertools import islice
@@ -45,6 +47,7 @@ from toss_filter.plan import read_table, write_table
 from toss_filter.run import RunDir, content_key, list_column, tokens_digest
 from toss_filter.steps.progress import Progress
 
+log = logging.getLogger(__name__)
 _worker_encode: ConversationTokenizer | None = None
 
 
@@ -110,8 +113,11 @@ def shard_summary(table: pa.Table, invalid: pa.Table | None = None) -> dict[str,
         mixed = hashlib.sha256(digest.encode())
         mixed.update(np.ascontiguousarray(invalid.column("row").to_numpy(), dtype=np.int64).tobytes())
         digest = mixed.hexdigest()
+    unscored = list_column(table, "unscored")[0].size if "unscored" in table.column_names else 0
     return {"digest": digest, "rows": table.num_rows + invalid_rows, "tokens": int(offsets[-1]),
-            "response_tokens": int((labels != IGNORE_INDEX).sum()), "longest_row": int(lengths.max(initial=0)),
+            "response_tokens": int((labels != IGNORE_INDEX).sum()), "unscored_tokens": unscored,
+            "reasoning_dropped_turns": int((table.schema.metadata or {}).get(b"reasoning_dropped_turns", 0)),
+            "longest_row": int(lengths.max(initial=0)),
             "truncated_rows": int(pa.compute.sum(table.column("truncated")).as_py() or 0),
             "invalid_rows": invalid_rows}
 
@@ -239,9 +245,15 @@ def tokenize_step(config: ScoreConfig, encode: ConversationTokenizer, run: RunDi
     manifest = {
         "rows": sum(s["rows"] for s in summaries), "shards": len(summaries), "shard_rows": config.shard_rows,
         **{field: sum(s[field] for s in summaries)
-           for field in ("tokens", "response_tokens", "truncated_rows", "invalid_rows")},
+           for field in ("tokens", "response_tokens", "unscored_tokens", "reasoning_dropped_turns", "truncated_rows",
+                         "invalid_rows")},
         "longest_row": max((s["longest_row"] for s in summaries), default=0),
         "digests": digests, "digest": hashlib.sha256("".join(digests).encode()).hexdigest(),
     }
     atomic_write_text(run.tokens_dir(key) / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    if manifest["reasoning_dropped_turns"]:
+        log.warning("%d assistant turns carry reasoning that the %s template does not render (it keeps reasoning "
+                    "only for the last turns, as Qwen3's does): like a trainer using the template, the output has "
+                    "none of it; counted as reasoning_dropped_turns in stats.json", manifest["reasoning_dropped_turns"],
+                    encode.chat_format.name)
     return key, manifest
