@@ -138,8 +138,8 @@ def test_agentic_sample_tool_calls_are_trained_and_tool_results_and_schemas_neve
         calls, results = calls + n_calls, results + len(tool_turns)
     assert calls == results > 40
     # Some tool-call tokens are trained somewhere (the masking did not take every call).
-    assert any(row.labels[j] != IGNORE for row in rows for m in TOOL_CALL.finditer(row.text, row.text.index("<|im_end|>"))
-               for j in row.tokens(*m.span()))
+    assert any(row.labels[j] != IGNORE for row in rows
+               for m in TOOL_CALL.finditer(row.text, row.text.index("<|im_end|>")) for j in row.tokens(*m.span()))
 
 
 def reasoning_spans(row: Rendered) -> list[tuple[int, int]]:
