@@ -50,7 +50,7 @@ def test_reasoning_under_no_score_reasoning_is_trained_but_not_scored(tmp_path, 
     [(_, tokens)] = inspect_rows(str(write_jsonl(tmp_path / "d.jsonl", [row])), encode, rows=1)
     text = render_row(tokenizer, tokens)
     trained = "".join(text.plain[span.start:span.end] for span in text.spans if span.style == STYLES["trained"])
-    assert trained == "Let me think."
+    assert trained == "<think>Let me think.</think>"  # the whole block, tags included
     counts = row_counts(tokens)
     assert counts["response"] - counts["scored"] == len(tokens.unscored) > 0
 

@@ -126,8 +126,12 @@ def test_no_score_reasoning_leaves_reasoning_trained_but_unscored(real_tokenizer
     conversation = to_conversation(REASONING, "x.jsonl", 0)
     tokens = encoder(tokenizer, score_reasoning=False)(conversation)
     assert tokens.unscored and all(tokens.labels[j] != IGNORE_INDEX for j in tokens.unscored)
-    assert tokenizer.decode([tokens.input_ids[j] for j in tokens.unscored]).strip() == (
-        "Add two and two.\nAdd three and three." if family == "qwen3_generation" else "Add three and three.")
+    unscored = tokenizer.decode([tokens.input_ids[j] for j in tokens.unscored])
+    assert unscored == {  # whole <think> blocks, tags and the blank lines after them; gpt-oss has no tags
+        "qwen3": "<think>\nAdd three and three.\n</think>\n\n",
+        "qwen3_generation": "<think>\nAdd two and two.\n</think>\n\n<think>\nAdd three and three.\n</think>\n\n",
+        "gptoss": "Add three and three.",
+    }[family]
     assert encoder(tokenizer)(conversation).labels == tokens.labels  # the same tokens are trained either way
 
 

@@ -17,7 +17,7 @@ Contract of `Tokenized` for one `Conversation` (`toss_filter.data.conversation`)
   (the paper template) starts the response where the turn's first rendered field starts. A turn with
   `weight: 0` is prompt. A token that straddles a boundary (" Sure" after "Assistant:") is a response token.
 - `unscored`: positions of response tokens that are trained but not scored, the tokens of reasoning when
-  `score_reasoning=False` (reasoning fields, and text inside `<think>...</think>` in content); else empty.
+  `score_reasoning=False` (reasoning fields, and whole `<think>...</think>` blocks, tags included); else empty.
 - `truncated`: the conversation was longer than `max_length` and was cut to it.
 
 How responses are found: the conversation is rendered twice, once as is and once with the text of every field
@@ -74,6 +74,7 @@ REASONING_NAMES = ("reasoning_content", "thinking", "reasoning")
 # kept verbatim in the sentinel rendering. Special tokens inside content are not among them: they are text of the
 # turn, and a template that tested for them could not tell a turn's end from its content either.
 MARKERS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
+THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
 MARKER = re.compile("(" + "|".join(map(re.escape, MARKERS)) + ")")
 SENTINEL = re.compile("\ue000(\\d+)\ue001")  # private-use characters: no template or tokenizer touches them
 GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -336,9 +337,7 @@ class _Row:
         spans = self.field_spans(text, self.render(skeleton.messages), skeleton.fields)
         dropped = self.check_rendered(skeleton.fields, spans)
         responses = self.response_spans(text, skeleton, spans)
-        reasoning = [] if self.encode.score_reasoning else [
-            span for f, field_spans in zip(skeleton.fields, spans) if f.reasoning
-            and trainable(self.messages[f.message]) for span in field_spans]
+        reasoning = [] if self.encode.score_reasoning else self.reasoning_spans(text, skeleton, spans, responses)
         encoding = self.encode.tokenizer(text, add_special_tokens=self.format.add_special_tokens,
                                          return_offsets_mapping=True)
         input_ids, offsets = list(encoding["input_ids"]), encoding["offset_mapping"]
@@ -352,6 +351,22 @@ class _Row:
             n = self.encode.max_length
             input_ids, labels, unscored = input_ids[:n], labels[:n], [j for j in unscored if j < n]
         return Tokenized(input_ids, labels, truncated, unscored, dropped)
+
+    def reasoning_spans(self, text: str, skeleton: _Skeleton, spans: list[list[tuple[int, int]]],
+                        responses: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """What `--no-score-reasoning` leaves unscored: the reasoning fields of trainable turns, and every
+        `<think>...</think>` block in a response with the whitespace after it, tags included (Qwen3 writes an empty
+        one into turns without reasoning: it is reasoning markup, not the answer)."""
+        fields = [span for f, found in zip(skeleton.fields, spans) if f.reasoning
+                  and trainable(self.messages[f.message]) for span in found]
+        blocks = [match.span() for start, end in responses for match in THINK_BLOCK.finditer(text, start, end)]
+        merged: list[tuple[int, int]] = []
+        for start, end in sorted(fields + blocks):
+            if merged and start <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+            else:
+                merged.append((start, end))
+        return merged
 
     def field_spans(self, text: str, skeleton: str, fields: list[_Field]) -> list[list[tuple[int, int]]]:
         """Every field's character spans in `text` (a template may render a field twice, or not at all), found by
