@@ -295,13 +295,13 @@ class _Row:
         self.encode, self.source, self.row = encode, source, row
         self.format = encode.chat_format
         self.tools = conversation.tools
-        self.messages = [self._for_template(message, False) for message in conversation.messages]
-        if any("tool_calls" in m for m in self.messages) and self.format.arguments_as_text:
-            self.messages = [self._for_template(message, True) for message in conversation.messages]
+        self.messages = [self._for_template(message) for message in conversation.messages]
 
-    def _for_template(self, message: dict[str, Any], arguments_as_text: bool) -> dict[str, Any]:
+    def _for_template(self, message: dict[str, Any]) -> dict[str, Any]:
+        """The message as this template reads it: arguments as text for a template that concatenates them, parts
+        joined for one that does not walk them, reasoning under the name it reads."""
         out = dict(message)
-        if arguments_as_text and "tool_calls" in out:
+        if self.format.arguments_as_text and "tool_calls" in out:
             out["tool_calls"] = [{**call, "function": {**call["function"], "arguments": json.dumps(
                 call["function"]["arguments"], ensure_ascii=False)}} for call in out["tool_calls"]]
         if isinstance(out.get("content"), list) and not self.format.accepts_content_parts:
