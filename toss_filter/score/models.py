@@ -52,6 +52,11 @@ class ModelSpec:
     def is_adapter(self) -> bool:
         return self.base is not None
 
+    @property
+    def option(self) -> str:
+        """The command-line option that named it, for errors."""
+        return option_of(self.role)
+
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"path": self.path, "kind": "lora-adapter" if self.is_adapter else "full-model"}
         if self.is_adapter:
@@ -77,32 +82,37 @@ def check_weights(directory: str | Path, what: str, allow_pickle: bool = False) 
                           "--allow-pickle-weights if you trust its source")
 
 
+def option_of(role: str) -> str:
+    """`--safety-model`, `--utility-model`; `inspect` and `estimate` name a bare tokenizer `--tokenizer`."""
+    return "--tokenizer" if role == "tokenizer" else f"--{role}-model"
+
+
 def resolve_spec(role: str, path: str, base_model: str | None, allow_pickle: bool = False) -> ModelSpec:
     """Check that `path` exists and say whether it is an adapter; an adapter's base comes from `base_model` or
     from its own `adapter_config.json`. Refuses a model, adapter or base of only pickle weights (`check_weights`)
     unless `allow_pickle`."""
-    local = Path(path).expanduser()
+    option, local = option_of(role), Path(path).expanduser()
     if not local.exists():
         if path.startswith((".", "/", "~")) or len(Path(path).parts) != 2:
-            raise ConfigError(f"--{role}-model: no such model directory: {path}")
+            raise ConfigError(f"{option}: no such model directory: {path}")
         resolved = resolve_model_path(path)
-        check_weights(resolved, f"--{role}-model {path}", allow_pickle)
+        check_weights(resolved, f"{option} {path}", allow_pickle)
         return ModelSpec(role, resolved, allow_pickle=allow_pickle)
     if not (local / "adapter_config.json").exists():
         if not (local / "config.json").exists():
-            raise ConfigError(f"--{role}-model: {path} holds neither config.json (a model) nor adapter_config.json (a LoRA adapter)")
-        check_weights(local, f"--{role}-model {path}", allow_pickle)
+            raise ConfigError(f"{option}: {path} holds neither config.json (a model) nor adapter_config.json (a LoRA adapter)")
+        check_weights(local, f"{option} {path}", allow_pickle)
         return ModelSpec(role, str(local), allow_pickle=allow_pickle)
-    check_weights(local, f"--{role}-model {path} (a LoRA adapter)", allow_pickle)
+    check_weights(local, f"{option} {path} (a LoRA adapter)", allow_pickle)
     adapter_config = json.loads((local / "adapter_config.json").read_text())
     recorded = adapter_config.get("base_model_name_or_path")
     base = base_model or recorded
     if not base:
-        raise ConfigError(f"--{role}-model {path} is a LoRA adapter: name its base model with --base-model")
+        raise ConfigError(f"{option} {path} is a LoRA adapter: name its base model with --base-model")
     if base_model and recorded and not _same_model(base_model, recorded):
         log.warning("%s adapter %s was trained on %s but --base-model is %s", role, path, recorded, base_model)
     resolved = resolve_model_path(base)
-    check_weights(resolved, f"--{role}-model {path}: its base model {base}", allow_pickle)
+    check_weights(resolved, f"{option} {path}: its base model {base}", allow_pickle)
     return ModelSpec(role, str(local), resolved, adapter_config, allow_pickle)
 
 
@@ -128,7 +138,7 @@ def load_tokenizer(spec: ModelSpec, trust_remote_code: bool = False) -> PreTrain
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"--{spec.role}-model: cannot load a tokenizer from {source}: {err}") from err
+        raise ConfigError(f"{spec.option}: cannot load a tokenizer from {source}: {err}") from err
 
 
 def check_same_tokenizer(first: PreTrainedTokenizerBase, second: PreTrainedTokenizerBase) -> None:
@@ -199,7 +209,7 @@ class ReferenceModels:
         except (RuntimeError, ValueError, KeyError) as err:  # size mismatch / missing target modules
             lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
             detail = next((line for line in lines if "mismatch" in line or "not found" in line), lines[0] if lines else "")
-            raise ConfigError(f"--{spec.role}-model {spec.path} does not fit the base model {spec.base}: {detail[:300]}") from err
+            raise ConfigError(f"{spec.option} {spec.path} does not fit the base model {spec.base}: {detail[:300]}") from err
 
     def model_for(self, role: str) -> torch.nn.Module:
         """The causal LM (not the peft wrapper) with `role`'s weights active."""
