@@ -252,7 +252,7 @@ def summary_table(result: dict[str, Any]) -> Any:
     table = Table(title=f"{result['positive']} against each group, ratio {result['config']['ratio']}")
     for name in ("group", "rows", "masked share (mean per row)", "mean score", "rows losing > half",
                  "AUROC masked share", "AUROC mean score"):
-        table.add_column(name, justify="left" if name == "group" else "right")
+        table.add_column(name, justify="left" if name == "group" else "right", no_wrap=name == "group")
     comparisons = result["comparisons"]
     for group in [*result["groups"], *(["rest"] if len(comparisons) > 2 else [])]:  # rest = the one other group
         stats = result["groups"].get(group) or comparisons[group]
