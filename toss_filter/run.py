@@ -118,7 +118,7 @@ def tokens_digest(table: pa.Table) -> str:
     """The content of one token shard: its input_ids and labels (and unscored positions, when it has them), values
     and row boundaries."""
     digest = hashlib.sha256()
-    for name in ("input_ids", "labels", "unscored")[:3 if "unscored" in table.column_names else 2]:
+    for name in ["input_ids", "labels"] + (["unscored"] if "unscored" in table.column_names else []):
         values, offsets = list_column(table, name)
         digest.update(np.ascontiguousarray(values).tobytes())
         digest.update(np.ascontiguousarray(offsets).tobytes())

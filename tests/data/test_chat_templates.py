@@ -160,6 +160,27 @@ def test_text_parts_go_to_a_template_that_walks_them_and_joined_to_others(real_t
     assert decoded_runs(llama, tokens) == ["It is 4.<|eot_id|>"]
 
 
+@pytest.mark.parametrize("family", ["qwen3", "deepseek_v3", "llama3_1"])
+def test_null_content_of_a_tool_call_turn_is_rendered_as_empty(real_tokenizer, family):
+    """OpenAI writes `content: null` beside tool calls; transformers drops None-valued keys, which Qwen3's and
+    DeepSeek's templates cannot render, so the template gets ""."""
+    row = {**TOOL_CALL, "messages": [{**m, "content": None} if "tool_calls" in m else m for m in TOOL_CALL["messages"]]}
+    tokenizer = real_tokenizer(family)
+    assert decoded_runs(tokenizer, encoder(tokenizer)(to_conversation(row, "x", 0))) == EXPECTED.get(
+        (family, "tool_call"), decoded_runs(tokenizer, encoder(tokenizer)(to_conversation(TOOL_CALL, "x", 0))))
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "gptoss", "qwen2_5"])
+def test_parts_are_joined_for_templates_that_do_not_walk_them(real_tokenizer, family):
+    tokenizer = real_tokenizer(family)
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "world"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "Answer here."}]}]}
+    joined = {"messages": [{"role": "user", "content": "Hello world"}, {"role": "assistant", "content": "Answer here."}]}
+    encode = encoder(tokenizer)
+    assert not encode.accepts_content_parts
+    assert encode(to_conversation(parts, "x", 0)) == encode(to_conversation(joined, "x", 0))
+
+
 @pytest.mark.parametrize(("family", "row", "field", "problem"), [
     ("gemma2", {"messages": [{"role": "system", "content": "S"}, *PLAIN["messages"]]}, "messages",
      "the chat template refused this conversation: System role not supported"),

@@ -135,3 +135,20 @@ def test_only_weight_zero_turns_is_nothing_to_score():
 def test_bad_tools_value():
     assert error_of({"tools": "{not json", "messages": []}).field == "tools"
     assert error_of({"tools": [1], "messages": []}).field == "tools[0]"
+
+
+def test_review_cases_are_row_errors_or_absent():
+    """Keys with lone surrogates, a ShareGPT `from` that is not a string, and `tools` stored as "" (columnar data)."""
+    bad_key = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"function": {"name": "f", "arguments": {"\ud800k": "v"}}}]}]}
+    assert "lone surrogate" in error_of(bad_key).problem
+    assert error_of({"conversations": [{"from": ["x"], "value": "a"}]}).field == "conversations[0].from"
+    assert convert({"tools": "", "messages": [{"role": "user", "content": "q"},
+                                              {"role": "assistant", "content": "A"}]}).tools is None
+
+
+def test_flat_tool_call_keeps_its_id_outside_the_function():
+    conversation = convert({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "",
+                            "tool_calls": [{"id": "c1", "name": "calc", "arguments": {}}]}]})
+    assert conversation.messages[1]["tool_calls"] == [
+        {"type": "function", "function": {"name": "calc", "arguments": {}}, "id": "c1"}]

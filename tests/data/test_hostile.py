@@ -352,9 +352,9 @@ def test_ten_thousand_turns_tokenize_in_seconds(tokenizer):
 
 
 def test_template_that_does_not_compile_is_a_config_error(tokenizer):
-    encode = ConversationTokenizer(tokenizer, ChatFormat("file:bad.jinja", "{% if %}", False))
+    """Refused when the tokenizer is set up (its probes render the template), before any row is read."""
     with pytest.raises(ConfigError, match="file:bad.jinja template does not compile"):
-        encode([user("q"), assistant("a")], "d.jsonl", 0)
+        ConversationTokenizer(tokenizer, ChatFormat("file:bad.jinja", "{% if %}", False))
 
 
 @pytest.mark.parametrize("compress, kind", [(bz2.compress, "bzip2"), (lzma.compress, "xz"),

@@ -12,7 +12,8 @@ dropped: a key this module does not know is passed through unchanged, so a templ
 - `role`: one of `ROLES`. ShareGPT `from` maps human → user, gpt → assistant, observation → tool, and
   `function_call` (LLaMA-Factory) → an assistant turn whose `tool_calls` is the JSON call in `value`.
 - `content`: a string; or a list of text parts `{"type": "text", "text": str}` (a part of any other type is an
-  error naming it); or None on an assistant turn that makes tool calls.
+  error naming it); or None on an assistant turn that makes tool calls (the template gets "": transformers drops
+  None-valued keys, which Qwen3's and DeepSeek's templates cannot render).
 - `reasoning_content`: the turn's reasoning, a string, on assistant turns only. The input may spell it
   `reasoning_content`, `reasoning` or `thinking`; the tokenizer hands it to the template under the name the
   template reads. `<think>` blocks inside `content` are left where they are: the template decides what they mean.
@@ -21,7 +22,9 @@ dropped: a key this module does not know is passed through unchanged, so a templ
   to an object, the form transformers' templates expect. Other keys of a call (`id`) are kept.
 - `weight`: 0 or 1 on assistant turns (OpenAI's fine-tuning format). 0 means context only: never scored, never
   trained.
-Keys whose value is null are absent (columnar inputs fill the columns of other shapes with nulls).
+Keys of a record or a message whose value is null are absent (columnar inputs fill the columns of other shapes with
+nulls); so are `tools` and `tool_calls` given as "" or []. Nulls deeper inside (a tool call's fields, a part's) are
+kept as they are.
 Every conversation has at least one assistant turn with weight 1, and each such turn has content, reasoning or a
 tool call. A record that breaks any of this raises `InputError` naming the source, the row and the field.
 """
@@ -63,7 +66,8 @@ def to_conversation(record: Mapping[str, Any], source: str, row: int,
         renamed = {canonical: record[actual] for canonical, actual in columns.items() if actual in record}
         record = {k: v for k, v in record.items() if k not in columns and k not in columns.values()} | renamed
     record = {key: value for key, value in record.items() if value is not None}
-    tools = _tools(record["tools"], source, row) if "tools" in record else None
+    # Columnar datasets store "no tools" as "" or []: absent, like a null.
+    tools = _tools(record["tools"], source, row) if record.get("tools") not in (None, "", []) else None
     if "messages" in record:
         return Conversation(_validate_messages(record["messages"], source, row, "messages"), tools)
     if "conversations" in record:
@@ -115,6 +119,7 @@ def _require_unicode(value: Any, source: str, row: int, field: str) -> None:
                              "without its other half) is not valid Unicode text")
     elif isinstance(value, Mapping):
         for key, item in value.items():
+            _require_unicode(key, source, row, f"{field} (a key)")
             _require_unicode(item, source, row, f"{field}.{key}")
     elif isinstance(value, list):
         for index, item in enumerate(value):
@@ -135,7 +140,7 @@ def _json_value(value: Any, kind: type, source: str, row: int, field: str) -> An
 
 
 def _tools(value: Any, source: str, row: int) -> list[dict[str, Any]] | None:
-    tools = _json_value(value, list, source, row, "tools")
+    tools = _json_value(value, list, source, row, "tools") if str(value).strip() else []
     for index, tool in enumerate(tools):
         if not isinstance(tool, Mapping):
             raise InputError(source, row, f"tools[{index}]", f"expected a function schema object, got {type(tool).__name__}")
@@ -149,7 +154,8 @@ def _tool_calls(value: Any, source: str, row: int, where: str) -> list[dict[str,
         at = f"{where}[{index}]"
         if not isinstance(call, Mapping):
             raise InputError(source, row, at, f"expected an object, got {type(call).__name__}")
-        function = call.get("function", call)
+        flat = "function" not in call
+        function = {key: call[key] for key in ("name", "arguments") if key in call} if flat else call["function"]
         if not isinstance(function, Mapping):
             raise InputError(source, row, f"{at}.function", f"expected an object, got {type(function).__name__}")
         name = function.get("name")
@@ -157,7 +163,8 @@ def _tool_calls(value: Any, source: str, row: int, where: str) -> list[dict[str,
             raise InputError(source, row, f"{at}.function.name", "a tool call needs a non-empty name")
         arguments = _json_value(function.get("arguments") or {}, dict, source, row, f"{at}.function.arguments")
         extra = {key: item for key, item in call.items() if key not in ("function", "name", "arguments", "type")}
-        calls.append({"type": "function", "function": {**function, "name": name, "arguments": arguments}, **extra})
+        calls.append({"type": call.get("type", "function"), "function": {**function, "name": name, "arguments": arguments},
+                      **extra})
     return calls
 
 
@@ -192,6 +199,8 @@ def _normalise_message(message: Any, source: str, row: int, where: str) -> dict[
         role, content = message.pop("role"), message.pop("content", None)
     elif "from" in message:
         sender, content = message.pop("from"), message.pop("value", None)
+        if not isinstance(sender, str):
+            raise InputError(source, row, f"{where}.from", f"expected a string, got {type(sender).__name__}")
         role = SHAREGPT_ROLES.get(sender, sender)
         if sender == "function_call":
             message["tool_calls"], content = [_json_value(content, dict, source, row, f"{where}.value")], None

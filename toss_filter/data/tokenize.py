@@ -54,7 +54,7 @@ import jinja2
 import pyarrow as pa
 from transformers import PreTrainedTokenizerBase
 
-from toss_filter.data.conversation import Conversation, content_text, trainable
+from toss_filter.data.conversation import Conversation, content_text, to_conversation, trainable
 from toss_filter.data.load import MAX_ROW_BYTES_ENV, max_row_bytes
 from toss_filter.errors import ConfigError, InputError
 
@@ -78,7 +78,6 @@ THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
 MARKER = re.compile("(" + "|".join(map(re.escape, MARKERS)) + ")")
 SENTINEL = re.compile("\ue000(\\d+)\ue001")  # private-use characters: no template or tokenizer touches them
 GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
-CONTENT_PARTS = re.compile(r"\[\s*['\"](?:type|text)['\"]\s*\]|\.type\b")
 
 
 @dataclass(frozen=True)
@@ -101,13 +100,8 @@ class ChatFormat:
 
     @cached_property
     def handles_think(self) -> bool:
-        """Whether the template treats `<think>` blocks in content itself (splits or deletes them)."""
+        """Whether the template mentions `</think>`: it splits `<think>` blocks out of content, or deletes them."""
         return "</think>" in self.template
-
-    @cached_property
-    def accepts_content_parts(self) -> bool:
-        """Whether the template walks a list of content parts; others get the parts' text joined."""
-        return bool(CONTENT_PARTS.search(self.template))
 
     @cached_property
     def arguments_as_text(self) -> bool:
@@ -273,18 +267,17 @@ class ConversationTokenizer:
         self.score_reasoning = score_reasoning
         self.special_tokens = _special_token_strings(tokenizer)
         self.special_pattern = re.compile("|".join(map(re.escape, self.special_tokens)) or "(?!)")
-        self._turn_tokens: set[str] | None = None
-
-    def turn_tokens(self, row: _Row) -> set[str]:
-        """`_Row.turn_tokens`, once per encoder: it depends on the template and tokenizer only."""
-        if self._turn_tokens is None:
-            self._turn_tokens = row.turn_tokens()
-        return self._turn_tokens
+        added = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.content), key=len, reverse=True)
+        self.added_pattern = re.compile("|".join(map(re.escape, added)) or "(?!)")  # DeepSeek's <｜Assistant｜> is not special
+        probe = _Row(self, Conversation([{"role": "user", "content": _sentinel(0)},
+                                         {"role": "assistant", "content": _sentinel(1)}]), "<probe>", 0)
+        self.non_closing_tokens = probe.non_closing_tokens()
+        self.accepts_content_parts = probe.accepts_content_parts()
 
     def __call__(self, conversation: Conversation | list[dict[str, Any]], source: str = "<input>",
                  row: int = 0) -> Tokenized:
         if not isinstance(conversation, Conversation):
-            conversation = Conversation(list(conversation))
+            conversation = to_conversation({"messages": list(conversation)}, source, row)
         return _Row(self, conversation, source, row).tokenize()
 
 
@@ -296,6 +289,7 @@ class _Row:
         self.format = encode.chat_format
         self.tools = conversation.tools
         self.messages = [self._for_template(message) for message in conversation.messages]
+        self.endings: dict[str, str | None] = {}
 
     def _for_template(self, message: dict[str, Any]) -> dict[str, Any]:
         """The message as this template reads it: arguments as text for a template that concatenates them, parts
@@ -304,8 +298,10 @@ class _Row:
         if self.format.arguments_as_text and "tool_calls" in out:
             out["tool_calls"] = [{**call, "function": {**call["function"], "arguments": json.dumps(
                 call["function"]["arguments"], ensure_ascii=False)}} for call in out["tool_calls"]]
-        if isinstance(out.get("content"), list) and not self.format.accepts_content_parts:
+        if isinstance(out.get("content"), list) and not self.encode.accepts_content_parts:
             out["content"] = content_text(out["content"])
+        if out.get("content") is None:
+            out["content"] = ""  # transformers drops None-valued keys, and Qwen3's or DeepSeek's template then fails
         if "reasoning_content" in out and self.format.reasoning_name not in (None, "reasoning_content"):
             out[self.format.reasoning_name] = out.pop("reasoning_content")
         return out
@@ -330,7 +326,8 @@ class _Row:
                              f"row: shorten or split it, or raise the limit with {MAX_ROW_BYTES_ENV}=N")
 
     def tokenize(self) -> Tokenized:
-        self.refuse_if_long(sum(_text_length(value) for m in self.messages for key, value in m.items() if key != "role"))
+        self.refuse_if_long(_text_length(self.tools) + sum(_text_length(value) for m in self.messages
+                                                         for key, value in m.items() if key != "role"))
         text = self.render(self.messages)
         self.refuse_if_long(len(text))
         skeleton = _Skeleton(self.messages)
@@ -378,7 +375,7 @@ class _Row:
             before = skeleton[skeleton_cursor:match.start()]
             after = skeleton[match.end():placed[k + 1].start() if k + 1 < len(placed) else len(skeleton)]
             if not text.startswith(before, cursor):
-                raise self.transformed(text, cursor, before, fields, placed, k)
+                raise self.transformed_error(text, cursor, before, fields, placed, k)
             cursor += len(before)
             f = fields[int(match.group(1))]
             # A field rendered through `tojson` appears JSON-escaped.
@@ -394,10 +391,10 @@ class _Row:
             cursor += len(candidate)
             skeleton_cursor = match.end()
         if text[cursor:] != skeleton[skeleton_cursor:]:
-            raise self.transformed(text, cursor, skeleton[skeleton_cursor:], fields, placed, len(placed))
+            raise self.transformed_error(text, cursor, skeleton[skeleton_cursor:], fields, placed, len(placed))
         return spans
 
-    def transformed(self, text: str, cursor: int, expected: str, fields: list[_Field], placed: list[re.Match[str]],
+    def transformed_error(self, text: str, cursor: int, expected: str, fields: list[_Field], placed: list[re.Match[str]],
                     k: int) -> InputError:
         """The error for a template whose own text depends on a field's content."""
         at = cursor + _common_prefix(text[cursor:], expected)
@@ -435,8 +432,8 @@ class _Row:
         by_message: dict[int, list[int]] = {}
         for k, p in enumerate(placed):
             by_message.setdefault(p[2], []).append(k)
-        not_closing = self.encode.turn_tokens(self)
-        responses, prompt = [], None
+        not_closing = self.encode.non_closing_tokens
+        responses, prompts = [], {}
         for index, message in enumerate(self.messages):
             mine = by_message.get(index, []) if trainable(message) else []
             if not mine:
@@ -447,8 +444,12 @@ class _Row:
             gap_start = ends[mine[0] - 1] if mine[0] else 0
             # The generation prompt may end inside the markers a content opens with (DeepSeek-R1 prompts `<think>`).
             own_start = placed[mine[0]][0]
-            if prompt is None or text.rfind(prompt, gap_start, own_start) < 0:
-                prompt = self.generation_prompt(skeleton.messages[:index])
+            # The generation prompt follows from the message before the turn: computed once per role of it, so a
+            # long conversation is not rendered again for every turn.
+            previous = skeleton.messages[index - 1]["role"] if index else ""
+            if previous not in prompts:
+                prompts[previous] = self.generation_prompt(skeleton.messages[:index])
+            prompt = prompts[previous]
             start = self.response_start(text, gap_start, own_start, prompt, skeleton.messages[:index])
             following = bisect.bisect_left(starts, last)
             limit = starts[following] if following < len(starts) else len(text)
@@ -463,17 +464,26 @@ class _Row:
             return ""
         return with_prompt[_common_prefix(with_prompt, without):]
 
-    def turn_tokens(self) -> set[str]:
+    def non_closing_tokens(self) -> set[str]:
         """Special tokens that open an assistant turn (in its generation prompt) or mark its parts before the
-        content (gpt-oss's `<|channel|>`, `<|message|>`), from a one-turn probe: none of them closes a turn."""
-        probe = [{"role": "user", "content": _sentinel(0)}, {"role": "assistant", "content": _sentinel(1)}]
+        content (gpt-oss's `<|channel|>`, `<|message|>`), from this one-turn probe row: none of them closes a turn."""
         try:
-            prompt, rendered = self.generation_prompt(probe[:1]), self.render(probe)
+            prompt, rendered = self.generation_prompt(self.messages[:1]), self.render(self.messages)
         except InputError:
             return set()
         start = rendered.find(prompt, rendered.find(_sentinel(0))) if prompt else -1
         turn = prompt + rendered[start + len(prompt):rendered.find(_sentinel(1))] if start >= 0 else ""
         return {token for token in self.encode.special_tokens if token in turn}
+
+    def accepts_content_parts(self) -> bool:
+        """Whether the template walks a list of content parts (Gemma-3), from this probe row's texts as parts: one
+        that prints the list, or fails on it, gets the parts' text joined instead."""
+        parts = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in self.messages]
+        try:
+            rendered = self.render(parts)
+        except InputError:
+            return False
+        return _sentinel(0) in rendered and _sentinel(1) in rendered and "'text'" not in rendered
 
     @staticmethod
     def extend_head(text: str, start: int, f: _Field) -> int:
@@ -489,22 +499,38 @@ class _Row:
     def response_start(self, text: str, gap_start: int, limit: int, prompt: str,
                        before: list[dict[str, Any]]) -> int | None:
         """Where the model starts generating: after the generation prompt in the template text before the turn's
-        first field (or the longest start of it that is there: DeepSeek-R1 prompts `<think>\\n`, which a training
-        row without reasoning does not have). A template without a generation prompt starts the turn where the
+        first field (or the longest start of it that is there, down to its leading added token: DeepSeek-R1
+        prompts `<｜Assistant｜><think>\\n`, and a training row without reasoning has no `<think>`). A template without a generation prompt starts the turn where the
         rendering of the messages `before` it ends, when that ends on a special token (Mistral's `[/INST]`, so a
         `[TOOL_CALLS]` header is response). None: at the turn's first field (the paper template)."""
-        for length in range(len(prompt), 0, -1):
+        leading = self.encode.added_pattern.match(prompt)
+        for length in range(len(prompt), leading.end() - 1 if leading else len(prompt) - 1, -1):
             found = text.rfind(prompt[:length], gap_start, limit)
-            if found >= 0:
+            if length and found >= 0:
                 return found + length
         if not before:
             return None
-        rendered = self.render(before)
-        placed = list(SENTINEL.finditer(rendered))
-        ending = rendered[placed[-1].end():] if placed else rendered
-        if self.encode.special_pattern.search(ending) and text.startswith(ending, gap_start):
+        role = before[-1]["role"]
+        if role in self.endings and (self.endings[role] is None or text.startswith(self.endings[role], gap_start)):
+            ending = self.endings[role]
+        else:
+            ending = self.prompt_ending(before)
+        if ending is not None and text.startswith(ending, gap_start):
             return min(gap_start + len(ending), limit)
         return None
+
+    def prompt_ending(self, before: list[dict[str, Any]]) -> str | None:
+        """The template text that ends the rendering of `before` after its last field, when it holds a special
+        token. Remembered by the last message's role (`response_start` tries it first, so a long conversation is
+        not rendered again for every turn)."""
+        try:
+            rendered = self.render(before)
+        except InputError:  # a template that refuses this prefix gives no ending here
+            return None
+        placed = list(SENTINEL.finditer(rendered))
+        ending = rendered[placed[-1].end():] if placed else rendered
+        self.endings[before[-1]["role"]] = ending = ending if self.encode.special_pattern.search(ending) else None
+        return ending
 
     def response_end(self, text: str, last: int, limit: int, not_closing: set[str]) -> int:
         """After the first special token that closes the turn in the template text after its last field (the
@@ -550,10 +576,6 @@ def _text_length(value: Any) -> int:
 
 def _excerpt(text: str, width: int = 24) -> str:
     return repr(text[:width] + ("…" if len(text) > width else ""))
-
-
-def _next_start(starts: list[int], position: int) -> int:
-    return next((s for s in starts if s >= position), 1 << 62)
 
 
 def _overlaps(offsets: Any, spans: list[tuple[int, int]]) -> list[bool]:

@@ -124,7 +124,7 @@ def shard_summary(table: pa.Table, invalid: pa.Table | None = None) -> dict[str,
 
 def tokenize_valid_rows(items: list[tuple[int, Conversation | InputError]], encode: ConversationTokenizer,
                         source: str) -> tuple[pa.Table, pa.Table]:
-    """`tokenize_rows` of the rows that load and tokenize, and the others (an `InputError` from loading or
+    """`tokens_table` of the rows that load and tokenize, and the others (an `InputError` from loading or
     tokenizing) as an `INVALID_SCHEMA` table."""
     tokenized, invalid = [], []
     for row, conversation in items:
