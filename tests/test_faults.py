@@ -170,10 +170,16 @@ def wait_until(process: subprocess.Popen, condition: Callable[[], bool], timeout
     return False
 
 
+def _interruptible() -> None:
+    # A shell starts background jobs with SIGINT ignored, and Python then rightly leaves Ctrl-C ignored: a suite run
+    # in the background would see SIGINT do nothing. The run under test is a foreground command, as a user's is.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(command: list[str], log: Path) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as stderr:
-        return subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr)
+        return subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr, preexec_fn=_interruptible)
 
 
 def finish(process: subprocess.Popen) -> int:
