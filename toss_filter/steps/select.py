@@ -116,12 +116,16 @@ def write_shard(reader: ShardReader, decision: Decision, staging: str, shards: i
     new_labels = data.labels.astype(np.int64)
     new_labels[response[unsafe]] = IGNORE_INDEX
     position = positions_in_rows(np.diff(data.offsets))
-    # A label at position 0 never reaches the loss (nothing predicts it), so it does not count as trainable.
-    scored_left = np.bincount(token_row[(new_labels != IGNORE_INDEX) & (position > 0)], minlength=len(data.row_ids))
+
+    def trainable_per_row() -> np.ndarray:
+        # A label at position 0 never reaches the loss (nothing predicts it), so it does not count as trainable.
+        return np.bincount(token_row[(new_labels != IGNORE_INDEX) & (position > 0)], minlength=len(data.row_ids))
+
+    scored_left = trainable_per_row()
     # --no-score-reasoning: the reasoning was kept out of the scores, not out of training, so it keeps its labels.
     # A row whose every scored token was masked is rejected all the same: its reasoning led to an unsafe answer.
     new_labels[data.unscored] = data.input_ids[data.unscored]
-    trainable = np.bincount(token_row[(new_labels != IGNORE_INDEX) & (position > 0)], minlength=len(data.row_ids))
+    trainable = trainable_per_row()
     empty = (trainable == 0) | ((response_per_row > 0) & (scored_left == 0))
     kept = np.arange(len(data.row_ids)) if keep_empty else np.flatnonzero(~empty)
     dropped = np.zeros(0, dtype=np.int64) if keep_empty else np.flatnonzero(empty)
