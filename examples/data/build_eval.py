@@ -6,7 +6,8 @@ CONTENT WARNING: the harmful rows are real harmful model completions, for safety
 
 Every source is split into disjoint ``train`` and ``heldout`` parts by a unit that keeps related rows together
 (a prompt that several models answered, a benchmark behaviour, a question): ``heldout_unit`` says which. The eval
-files sample the held-out parts, the refs files the train parts; a train row whose prompt or completion equals one
+files sample the held-out parts, the refs files the train parts, and ``mix/realistic_custom.jsonl`` (a custom set to
+filter in the reproduction) the train rows that no refs file took; a train row whose prompt or completion equals one
 of any held-out part is dropped, so a recipe trained on refs/ never sees an evaluated row. Rows are
 ``{"prompt", "completion", "label", "source"}``; ``label`` is the evaluation group:
 
@@ -62,6 +63,15 @@ SIZES = {
     ("hh-rlhf-harmless-base/chosen", "refusal"): (30, 0),
 }
 NON_COMMERCIAL = {"shadow-alignment/harmful", "shadow-alignment/benign", "alpaca-eval"}
+# (source, label) -> rows of the realistic custom set: general and unsafe-sounding benign answers with a minority of
+# harmful ones (MIT sources only), drawn from the train rows that the refs files did not take.
+CUSTOM_SIZES = {
+    ("hh-rlhf-helpful", "benign_general"): 50,
+    ("gpteacher", "benign_general"): 50,
+    ("coconot/chosen", "benign_unsafe_sounding"): 50,
+    ("gptfuzz", "harmful"): 13,
+    ("hh-rlhf-harmless-base/rejected", "harmful"): 12,
+}
 TRAIN_FILE = {"harmful": "safety_train", "benign_general": "utility_train",
               "benign_unsafe_sounding": "utility_train", "benign_math": "utility_train"}
 
@@ -255,6 +265,12 @@ def build(shared: Path, out: Path) -> dict[str, dict]:
             files[f"refs/{TRAIN_FILE[label]}{suffix}.jsonl"] += trained
         counts[f"{source} → {label}"] = {"heldout_pool": len(heldout), "eval": len(evaluated),
                                          "train_pool": len(train), "train": len(trained)}
+        if (source, label) in CUSTOM_SIZES:
+            untrained = [row for row in train if row not in trained]
+            custom = random.Random(f"{SEED}|custom|{source}|{label}").sample(untrained, CUSTOM_SIZES[(source, label)])
+            files["mix/realistic_custom.jsonl"] += custom
+            counts[f"{source} → {label}"]["custom"] = len(custom)
+    random.Random(SEED).shuffle(files["mix/realistic_custom.jsonl"])
     for name, rows in sorted(files.items()):
         path = out / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -264,14 +280,14 @@ def build(shared: Path, out: Path) -> dict[str, dict]:
 
 
 def _check_disjoint(out: Path) -> None:
-    """No (prompt, completion) pair in two files, and no eval completion or prompt in a refs file."""
+    """No (prompt, completion) pair in two files, and no eval completion or prompt in a refs or mix file."""
     rows = {path: [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
             for path in sorted(out.glob("*/*.jsonl"))}
     pairs = Counter((_key(r["prompt"]), _key(r["completion"])) for file in rows.values() for r in file)
     repeated = [pair for pair, n in pairs.items() if n > 1]
     evaluated = {_key(r[f]) for path, file in rows.items() if path.parent.name == "eval" for r in file
                  for f in ("prompt", "completion")}
-    leaked = [r["source"] for path, file in rows.items() if path.parent.name == "refs" for r in file
+    leaked = [r["source"] for path, file in rows.items() if path.parent.name in ("refs", "mix") for r in file
               if _key(r["prompt"]) in evaluated or _key(r["completion"]) in evaluated]
     if repeated or leaked:
         raise SystemExit(f"duplicates across files: {len(repeated)} pairs; train rows sharing eval text: {leaked[:5]}")
