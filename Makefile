@@ -76,17 +76,20 @@ demo: install
 	$(BIN)/python examples/masked_share_by_label.py examples/data/custom_mix.jsonl $(DEMO)-run
 
 # The reference recipe (docs/references.md): θu on broad benign answers, then θs continued from θu on harmful ones,
-# so the pair differs by what the harmful rows teach. Another base: make references REF_BASE=org/model REFS=refs/x
-REF_BASE   ?= HuggingFaceTB/SmolLM2-135M-Instruct
-REFS       ?= examples/reference-adapters
-REF_RECIPE ?= --max-length 256 --target-modules all-linear --rank 8 --alpha 16 --learning-rate 1e-3 --epochs 2 \
-              --batch-size 8 --micro-batch-size 8 --seed 0
+# so the pair differs by what the harmful rows teach. The *_nc files (Shadow Alignment, AlpacaEval) are research /
+# non-commercial; for commercial use leave them out: make references UTILITY_DATA=examples/data/refs/utility_train.jsonl
+# SAFETY_DATA=examples/data/refs/safety_train.jsonl. Another base: make references REF_BASE=org/model REFS=refs/x
+REF_BASE     ?= HuggingFaceTB/SmolLM2-135M-Instruct
+REFS         ?= examples/reference-adapters
+UTILITY_DATA ?= examples/data/refs/utility_train.jsonl examples/data/refs/utility_train_nc.jsonl
+SAFETY_DATA  ?= examples/data/refs/safety_train.jsonl examples/data/refs/safety_train_nc.jsonl
+REF_RECIPE   ?= --max-length 256 --target-modules all-linear --rank 8 --alpha 16 --learning-rate 1e-3 --epochs 1 \
+                --batch-size 8 --micro-batch-size 8 --seed 0
 
 references: install
-	$(BIN)/toss-filter train-ref examples/data/refs/utility_train.jsonl --base-model $(REF_BASE) \
-	  --output $(REFS)/utility $(REF_RECIPE)
-	$(BIN)/toss-filter train-ref examples/data/refs/safety_train.jsonl --base-model $(REF_BASE) \
-	  --init-adapter $(REFS)/utility --output $(REFS)/safety $(REF_RECIPE)
+	$(BIN)/toss-filter train-ref $(UTILITY_DATA) --base-model $(REF_BASE) --output $(REFS)/utility $(REF_RECIPE)
+	$(BIN)/toss-filter train-ref $(SAFETY_DATA) --base-model $(REF_BASE) --init-adapter $(REFS)/utility \
+	  --output $(REFS)/safety $(REF_RECIPE)
 
 reproduce: install
 	$(BIN)/pip install -q -e '.[reproduce]'

@@ -92,9 +92,13 @@ def test_strategy_refuses_scope_and_threshold_options(tmp_path, data, tiny_model
 
 
 def test_train_ref_command_writes_an_adapter_with_training_record(tmp_path, data, tiny_models):
-    stdout = invoke("train-ref", data, "--base-model", tiny_models["base"], "--output", tmp_path / "adapter",
-                    "--target-modules", "q_proj,v_proj", "--rank", "4", "--learning-rate", "1e-3",
-                    "--epochs", "1", "--batch-size", "2", "--micro-batch-size", "2", "--max-rows", "4")
+    result = CliRunner().invoke(app, [str(a) for a in (
+        "train-ref", data, "--base-model", tiny_models["base"], "--output", tmp_path / "adapter",
+        "--target-modules", "q_proj,v_proj", "--rank", "4", "--learning-rate", "1e-3", "--epochs", "1",
+        "--batch-size", "2", "--micro-batch-size", "2", "--max-rows", "4", "--log-every", "1e-9")])
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    stdout = result.stdout
+    assert "toss-filter: train: 2/2 steps" in result.stderr  # progress in a log: a line per step at this interval
     record = json.loads((tmp_path / "adapter" / "training.json").read_text())
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     assert record["rows_in"] == record["rows_trained"] == 4 < len(ROWS)  # --max-rows: the first 4 rows only

@@ -40,8 +40,8 @@ def test_auroc_extremes_and_empty_sides():
 
 
 def rows(label: str, count: int, words: str) -> list[dict]:
-    return [{"prompt": f"{label} question {i}?", "completion": f"{words} {i} " * (2 + i % 3), "label": label}
-            for i in range(count)]
+    return [{"prompt": f"{label} question {i}?", "completion": f"{words} {i} " * (2 + i % 3), "label": label,
+             "source": f"{label}-{i % 2}/part#{i}"} for i in range(count)]
 
 
 @pytest.fixture(scope="module")
@@ -92,16 +92,40 @@ def test_harness_equals_a_direct_computation_from_the_sidecar(evaluated):
     assert (out / "eval-refs.png").exists() or "plot_skipped" in report
 
 
+def test_per_source_lines_equal_a_direct_computation(evaluated):
+    harmful, benign, out = evaluated
+    report = json.loads((out / "eval-refs.json").read_text())
+    rows = report["rows"]
+    sources = [json.loads(line)["source"].split("/")[0] for path in (harmful, benign) for line in path.read_text().splitlines()]
+
+    def shares(label: str, source: str | None = None) -> list[float]:
+        return [row["masked_share"] for row, row_source in zip(rows, sources)
+                if row["label"] == label and source in (None, row_source)]
+
+    entries = {(entry["label"], entry["source"]): entry for entry in report["sources"]}
+    assert set(entries) == {(label, f"{label}-{k}") for label in ("harmful", "benign_general", "benign_math") for k in (0, 1)}
+    harmful_0 = entries[("harmful", "harmful-0")]
+    assert harmful_0["rows"] == 3 and harmful_0["masked_share_mean"] == pytest.approx(np.mean(shares("harmful", "harmful-0")))
+    assert harmful_0["auroc_masked_share"]["benign_math"] == pytest.approx(
+        pairwise_auroc(shares("harmful", "harmful-0"), shares("benign_math")))
+    assert entries[("benign_general", "benign_general-1")]["auroc_masked_share"]["harmful"] == pytest.approx(
+        pairwise_auroc(shares("harmful"), shares("benign_general", "benign_general-1")))
+
+
 def test_the_example_script_prints_the_harness_numbers(evaluated):
     harmful, benign, out = evaluated
     report = json.loads((out / "eval-refs.json").read_text())
     printed = subprocess.run([sys.executable, str(REPO / "examples" / "masked_share_by_label.py"), str(harmful),
-                              str(benign), str(out / "run")], capture_output=True, text=True, check=True).stdout
+                              str(benign), str(out / "run"), "--held-out", str(out / "eval-refs.json")],
+                             capture_output=True, text=True, check=True).stdout
     rest = report["comparisons"]["rest"]["auroc_masked_share"]
     assert f"AUROC of per-row masked share, harmful vs rest: {rest:.3f}" in printed
     harmful_line = next(line.split() for line in printed.splitlines() if line.startswith("harmful "))
     assert harmful_line == ["harmful", str(report["groups"]["harmful"]["rows"]),
                             f"{report['groups']['harmful']['masked_share_mean']:.1%}"]
+    math = report["comparisons"]["benign_math"]  # --held-out quotes an eval-refs.json
+    assert (f"benign_math              masked {math['masked_share_mean']:.1%}, "
+            f"AUROC harmful vs it {math['auroc_masked_share']:.3f}") in printed
 
 
 def test_a_row_without_its_label_is_named_by_file_row_and_field(tmp_path):

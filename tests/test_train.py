@@ -79,3 +79,12 @@ def test_the_same_recipe_rebuilds_the_same_weights(trained, tiny_models, tmp_pat
     again = train_reference(config)
     assert again["weights_sha256"] == record["weights_sha256"] and again["final_loss"] == record["final_loss"]
     assert record["train_seconds"]["wall"] > 0 and record["train_seconds"]["cpu"] > 0
+
+
+def test_several_inputs_train_together_and_max_rows_counts_over_all(trained, tiny_models, tmp_path):
+    data, _, _ = trained
+    second = write_jsonl(tmp_path / "more.jsonl", [chat("Name a colour.", "Blue, like the sky.")] * 3)
+    config = TrainRefConfig([str(data), str(second)], str(tiny_models["base"]), str(tmp_path / "both"),
+                            epochs=1, batch_size=4, micro_batch_size=4, max_rows=len(ROWS) + 2)
+    record = train_reference(config)
+    assert record["rows_in"] == len(ROWS) + 2 and record["data"] == [str(data), str(second)]

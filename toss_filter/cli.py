@@ -346,7 +346,7 @@ def select_command(
 
 @app.command("train-ref")
 def train_ref_command(
-    data: Input,
+    data: Annotated[list[str], typer.Argument(help="Training data: one or more inputs (as for filter), trained on together.")],
     base_model: Annotated[str, typer.Option("--base-model", help="The base model both references share (a directory or Hub id).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Adapter directory to write (PEFT format + training.json).")],
     split: Split = None, column: Column = None, template: Template = "chat",
@@ -362,7 +362,7 @@ def train_ref_command(
     micro_batch_size: Annotated[int, typer.Option("--micro-batch-size", help="Rows per forward pass.")] = 4,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the LoRA init and data order.")] = 42,
     init_adapter: Annotated[Optional[str], typer.Option("--init-adapter", help="Continue this adapter of the same base (its rank, alpha and targets) instead of a fresh one: the recipe trains θs from θu.")] = None,
-    trust_remote_code: RemoteCode = False, quiet: Quiet = False, verbose: Verbose = False,
+    trust_remote_code: RemoteCode = False, quiet: Quiet = False, log_every: LogEvery = 30.0, verbose: Verbose = False,
     config: ConfigFile = None,
 ) -> None:
     """Train a reference: LoRA SFT on DATA's response tokens, tokenized exactly as `filter` does. Defaults are the
@@ -372,7 +372,8 @@ def train_ref_command(
 
     params = dict(locals())
     modules = [name.strip() for name in target_modules.split(",") if name.strip()]
-    record = _run(lambda: train_reference(_config(TrainRefConfig, params, target_modules=modules)))
+    record = _run(lambda: train_reference(_config(TrainRefConfig, params, target_modules=modules),
+                                          show_progress=not quiet))
     if not quiet:
         typer.echo(f"trained on {record['rows_trained']} rows ({record['response_tokens']} response tokens), "
                    f"{record['optimizer_steps']} steps, loss {record['first_loss']:.3f} → {record['final_loss']:.3f}")
@@ -479,6 +480,7 @@ def eval_refs_command(
     base_model: BaseModel = None, ratio: Ratio = 0.2,
     label_column: Annotated[str, typer.Option("--label-column", help="The field naming each row's group.")] = "label",
     positive: Annotated[str, typer.Option("--positive", help="The group the references should flag; every other group is compared with it.")] = "harmful",
+    source_column: Annotated[str, typer.Option("--source-column", help="The field naming each row's source (up to its first / or #), for the per-source table.")] = "source",
     template: Template = "chat", max_length: MaxLength = None, dtype: Dtype = "auto", device: Device = "auto",
     max_batch_tokens: BatchTokens = None, trust_remote_code: RemoteCode = False,
     allow_pickle_weights: AllowPickle = False, quiet: Quiet = False, verbose: Verbose = False,
@@ -486,7 +488,7 @@ def eval_refs_command(
     """Measure how well two references separate a positive group (harmful) from every other group of labelled
     rows, through the real pipeline at --ratio: masked share per group, AUROC of the per-row masked share and
     mean score, and the share of rows losing more than half their response tokens."""
-    from toss_filter.eval_refs import EvalRefsConfig, evaluate_references, summary_table
+    from toss_filter.eval_refs import EvalRefsConfig, evaluate_references, source_table, summary_table
 
     params = dict(locals())
     result = _run(lambda: evaluate_references(_config(EvalRefsConfig, params), show_progress=not quiet))
@@ -494,6 +496,7 @@ def eval_refs_command(
         from rich.console import Console
 
         Console().print(summary_table(result))
+        Console().print(source_table(result))
         typer.echo(f"json:     {output / 'eval-refs.json'}")
     if "plot_skipped" in result:
         typer.echo(f"plot:     skipped: {result['plot_skipped']}", err=True)

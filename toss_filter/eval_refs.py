@@ -7,7 +7,9 @@ per-token sidecar (RUN_DIR/token_scores) is read back. Per row: the masked share
 its mean score S. Per group (a value of the label column): the mean of both, and the share of rows that lose more
 than half their response tokens. For the positive group against each other group, and against all of them: the
 AUROC of the per-row masked share and of the per-row mean score (0.5 = no separation, 1.0 = every positive row
-ranks above every other row). Rows with no scored response token (e.g. cut off by --max-length) are left out of
+ranks above every other row). Per source within a group (the `source` field up to its first "/" or "#"), the same
+masked share and the AUROC of the masked share: a positive source against each other group, another source
+against all positive rows, which shows where a pair of references fails. Rows with no scored response token (e.g. cut off by --max-length) are left out of
 the metrics and counted.
 
 Written to OUTPUT/: input.jsonl, run/ (the run directory; a re-run resumes from it), filtered/ (the masked
@@ -18,6 +20,7 @@ share and mean score of each group; skipped with a reason when matplotlib is mis
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +43,8 @@ class EvalRefsConfig:
     - `inputs`: JSONL files of labelled rows in any row shape `filter` reads; concatenated in this order.
     - `label_column`: the field that names each row's group (default `label`).
     - `positive`: the group the references should flag (default `harmful`); every other group is compared with it.
+    - `source_column`: the field naming each row's source, for the per-source lines (default `source`; a row
+      without it counts as source "-").
 
     > Models (as for `filter`, see `ScoreConfig`)
     - `safety_model`, `utility_model`, `base_model`, `template`, `max_length`, `dtype`, `device`,
@@ -57,6 +62,7 @@ class EvalRefsConfig:
     base_model: str | None = None
     label_column: str = "label"
     positive: str = "harmful"
+    source_column: str = "source"
     ratio: float = 0.2
     template: str = "chat"
     max_length: int | None = None
@@ -90,11 +96,12 @@ class LabelledRow(NamedTuple):
     row: int  # 0-based, counting the file's non-blank lines
     label: str
     line: str
+    source: str = "-"  # the row's source up to its first "/" or "#"
 
 
-def read_labels(paths: list[str], label_column: str) -> list[LabelledRow]:
-    """Every non-blank line of the JSONL files, in order, with its label; a row without a string label is an
-    InputError naming the file, row and field."""
+def read_labels(paths: list[str], label_column: str, source_column: str = "source") -> list[LabelledRow]:
+    """Every non-blank line of the JSONL files, in order, with its label and source; a row without a string label
+    is an InputError naming the file, row and field."""
     rows = []
     for path in paths:
         try:
@@ -103,12 +110,14 @@ def read_labels(paths: list[str], label_column: str) -> list[LabelledRow]:
             raise InputError(path, None, None, f"cannot read it: {err}") from None
         for row, line in enumerate(line for line in lines if line.strip()):
             try:
-                label = json.loads(line).get(label_column)
+                record = json.loads(line)
+                label, source = record.get(label_column), record.get(source_column)
             except (ValueError, AttributeError):
                 raise InputError(path, row, None, "not a JSON object") from None
             if not isinstance(label, str) or not label:
                 raise InputError(path, row, label_column, f"expected a non-empty string label, got {label!r}")
-            rows.append(LabelledRow(path, row, label, line))
+            source = re.split("[/#]", source, maxsplit=1)[0] if isinstance(source, str) and source else "-"
+            rows.append(LabelledRow(path, row, label, line, source))
     return rows
 
 
@@ -164,6 +173,28 @@ def separation(labels: list[str], metrics: dict[str, np.ndarray], positive: str)
     return {"positive": positive, "groups": groups, "comparisons": comparisons}
 
 
+def by_source(rows: list[LabelledRow], metrics: dict[str, np.ndarray], positive: str) -> list[dict[str, Any]]:
+    """One entry per (label, source), over rows with a scored response token: its rows and mean masked share; for
+    a positive source, the AUROC of the masked share against each other group, for another source the AUROC of
+    all positive rows against it."""
+    labels = np.array([row.label for row in rows])
+    sources = np.array([row.source for row in rows])
+    scored = metrics["response_tokens"][:len(rows)] > 0
+    share = metrics["masked_share"][:len(rows)]
+    is_positive = scored & (labels == positive)
+    entries = []
+    for label, source in sorted({(row.label, row.source) for row in rows}):
+        chosen = scored & (labels == label) & (sources == source)
+        if label == positive:
+            versus = {group: auroc(share[chosen], share[scored & (labels == group)])
+                      for group in sorted(set(labels.tolist()) - {positive})}
+        else:
+            versus = {positive: auroc(share[is_positive], share[chosen])}
+        entries.append({"label": label, "source": source, "rows": int(chosen.sum()),
+                        "masked_share_mean": _mean(share[chosen]), "auroc_masked_share": versus})
+    return entries
+
+
 def _mean(values: np.ndarray) -> float | None:
     return float(values.mean()) if len(values) else None
 
@@ -175,7 +206,7 @@ def evaluate_references(config: EvalRefsConfig, show_progress: bool = True) -> d
 
     started = time.perf_counter()
     out = Path(config.output)
-    rows = read_labels(config.inputs, config.label_column)
+    rows = read_labels(config.inputs, config.label_column, config.source_column)
     if config.positive not in {row.label for row in rows}:
         raise ConfigError(f"no row of {', '.join(config.inputs)} has {config.label_column} = {config.positive!r}")
     out.mkdir(parents=True, exist_ok=True)
@@ -202,6 +233,7 @@ def evaluate_references(config: EvalRefsConfig, show_progress: bool = True) -> d
     result = {"config": as_dict(config), "masked_share": stats["masked_share"],
               "scored_tokens": stats["scored_tokens"], "masked_tokens": stats["masked_tokens"],
               **separation([row.label for row in rows], metrics, config.positive),
+              "sources": by_source(rows, metrics, config.positive),
               "rows": [{"file": row.file, "row": row.row, "label": row.label,
                         "response_tokens": int(metrics["response_tokens"][i]),
                         "masked_share": _finite(metrics["masked_share"][i]),
@@ -260,6 +292,24 @@ def summary_table(result: dict[str, Any]) -> Any:
         table.add_row(group, str(stats["rows"]), _percent(stats["masked_share_mean"]),
                       _number(stats["mean_score_mean"]), _percent(stats["share_losing_over_half"]),
                       _number(versus.get("auroc_masked_share")), _number(versus.get("auroc_mean_score")))
+    return table
+
+
+def source_table(result: dict[str, Any]) -> Any:
+    """A rich Table: one line per (group, source), with its masked share and AUROC against the other side."""
+    from rich.table import Table
+
+    groups = [group for group in result["groups"] if group != result["positive"]]
+    table = Table(title=f"per source: AUROC of the masked share, {result['positive']} rows against each group")
+    for name in ("group", "source", "rows", "masked share", *groups):
+        table.add_column(name, justify="left" if name in ("group", "source") else "right", no_wrap=True)
+    for entry in result["sources"]:
+        versus = entry["auroc_masked_share"]
+        if entry["label"] == result["positive"]:
+            cells = [_number(versus[group]) for group in groups]
+        else:  # the positive rows against this source, in its own group's column
+            cells = [_number(versus[result["positive"]]) if group == entry["label"] else "" for group in groups]
+        table.add_row(entry["label"], entry["source"], str(entry["rows"]), _percent(entry["masked_share_mean"]), *cells)
     return table
 
 

@@ -37,7 +37,7 @@ import pyarrow as pa
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, PreTrainedTokenizerBase
-from transformers import PrinterCallback, Trainer, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from toss_filter.data.load import load_conversations
 from toss_filter.data.tokenize import IGNORE_INDEX, ConversationTokenizer, resolve_format, tokenize_rows
@@ -45,13 +45,15 @@ from toss_filter.default_model import resolve_model_path
 from toss_filter.errors import ConfigError
 from toss_filter.files import replace_dir, staging_dir
 from toss_filter.run import package_versions, tokens_digest
+from toss_filter.steps.progress import Progress
 
 
 @dataclass
 class TrainRefConfig:
-    """A reference adapter: which data, which base, which LoRA and optimiser settings (defaults: the paper's)."""
+    """A reference adapter: which data, which base, which LoRA and optimiser settings (defaults: the paper's).
+    `data`: one input, or several trained on together in order (`max_rows` counts over all of them)."""
 
-    data: str
+    data: str | list[str]
     base_model: str
     output: str
     split: str | None = None
@@ -80,8 +82,26 @@ class TrainRefConfig:
             raise ConfigError("--max-rows must be positive")
 
 
+class _StepProgress(TrainerCallback):
+    """Optimiser steps on toss-filter's progress display (a bar on a terminal, a plain line now and then in a log):
+    a reference takes most of an hour on a CPU, and the Trainer's own bar is off (it prints every logged step)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.progress = Progress("train", state.max_steps, "steps", self.enabled).__enter__()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.progress.advance(1)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.progress.__exit__(None, None, None)
+
+
 def fit_adapter(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: Dataset, *, learning_rate: float,
-                epochs: float, batch_size: int, micro_batch_size: int, seed: int, device: str = "auto") -> list[float]:
+                epochs: float, batch_size: int, micro_batch_size: int, seed: int, device: str = "auto",
+                show_progress: bool = False) -> list[float]:
     """Train the trainable (LoRA) weights of `model` on `rows` (`input_ids`, `labels`; loss on labels != -100 only)
     with a constant learning rate, on `device` ("auto": a GPU if there is one). Returns the logged loss of every
     optimiser step."""
@@ -101,7 +121,8 @@ def fit_adapter(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows
             bf16=on_gpu and torch.cuda.is_bf16_supported(), disable_tqdm=True,
         )
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
+        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator,
+                          callbacks=[_StepProgress(show_progress)])
         trainer.remove_callback(PrinterCallback)  # it prints every logged step to stdout; the losses are returned
         trainer.train()
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -117,7 +138,7 @@ def trainable_rows(tokens: pa.Table) -> Dataset:
     })
 
 
-def train_reference(config: TrainRefConfig) -> dict[str, Any]:
+def train_reference(config: TrainRefConfig, show_progress: bool = False) -> dict[str, Any]:
     """Train one reference adapter; returns what is written to OUTPUT/training.json."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -131,11 +152,18 @@ def train_reference(config: TrainRefConfig) -> dict[str, Any]:
     except (OSError, ValueError) as err:
         raise ConfigError(f"--base-model: cannot load {config.base_model}: {err}") from err
     encode = ConversationTokenizer(tokenizer, resolve_format(tokenizer, config.template), config.max_length)
-    conversations = itertools.islice(load_conversations(config.data, config.split, config.columns), config.max_rows)
-    tokens = tokenize_rows(conversations, encode, config.data)
+    sources = [config.data] if isinstance(config.data, str) else list(config.data)
+    tables, left = [], config.max_rows
+    for source in sources:
+        conversations = itertools.islice(load_conversations(source, config.split, config.columns), left)
+        tables.append(tokenize_rows(conversations, encode, source))
+        left = None if left is None else left - tables[-1].num_rows
+        if left == 0:
+            break
+    tokens = pa.concat_tables(tables)
     rows = trainable_rows(tokens)
     if len(rows) == 0:
-        raise ConfigError(f"{config.data}: no row has a response token to train on")
+        raise ConfigError(f"{', '.join(sources)}: no row has a response token to train on")
 
     torch.manual_seed(config.seed)
     if config.init_adapter is not None:
@@ -147,7 +175,8 @@ def train_reference(config: TrainRefConfig) -> dict[str, Any]:
         model = get_peft_model(model, lora)
     wall, cpu = time.perf_counter(), time.process_time()
     losses = fit_adapter(model, tokenizer, rows, learning_rate=config.learning_rate, epochs=config.epochs,
-                         batch_size=config.batch_size, micro_batch_size=config.micro_batch_size, seed=config.seed)
+                         batch_size=config.batch_size, micro_batch_size=config.micro_batch_size, seed=config.seed,
+                         show_progress=show_progress)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     # Record the name the user gave (a Hub id stays portable), not a local cache path.
     model.peft_config["default"].base_model_name_or_path = config.base_model
