@@ -156,3 +156,17 @@ def test_a_row_the_pipeline_refuses_is_named_in_its_own_file(tmp_path, tiny_mode
                                       "--utility-model", str(tiny_models["utility"]), "--output", str(tmp_path / "o")])
     assert result.exit_code == 2
     assert result.stderr.startswith(f"toss-filter: error: {second}: row 1: field 'completion': ")
+
+
+def test_rounds_measure_the_final_round_of_toss_pro(tmp_path, tiny_models):
+    data = write_jsonl(tmp_path / "rows.jsonl", rows("harmful", 4, "do the bad thing") + rows("benign_math", 4, "two plus two"))
+    result = CliRunner().invoke(app, ["eval-refs", str(data), "--safety-model", str(tiny_models["safety"]),
+                                      "--utility-model", str(tiny_models["utility"]), "--output", str(tmp_path / "e"),
+                                      "--device", "cpu", "--ratio", "0.3", "--rounds", "2", "--refine-learning-rate",
+                                      "5e-2", "--refine-batch-size", "4", "--refine-micro-batch-size", "2", "--quiet"])
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    report = json.loads((tmp_path / "e" / "eval-refs.json").read_text())
+    stats = json.loads((tmp_path / "e" / "run" / "stats.json").read_text())
+    assert report["refine"]["rounds"] == 2 and [entry["round"] for entry in stats["rounds"]] == [1, 2]
+    sidecar = load_from_disk(str(tmp_path / "e" / "run" / "token_scores"))  # the final round's masks
+    assert sum(sum(unsafe) for unsafe in sidecar["unsafe"]) == report["masked_tokens"] == stats["masked_tokens"]

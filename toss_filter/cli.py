@@ -75,6 +75,11 @@ Ratio = Annotated[float, typer.Option("--ratio", help="Share of all scored respo
 Scope = Annotated[str, typer.Option("--scope", help="global (top share over the whole dataset, as in the paper) or per-sample.")]
 Threshold = Annotated[Optional[float], typer.Option("--threshold", help="Mask every token with score above this value instead of a share.")]
 KeepEmpty = Annotated[bool, typer.Option("--keep-empty", help="Keep rows left with no trainable token, so output row i is input row i.")]
+Rounds = Annotated[int, typer.Option("--rounds", help="TOSS-Pro: scoring rounds, refining the safety adapter on each round's flagged tokens in between (1 = plain TOSS).")]
+RefineEpochs = Annotated[float, typer.Option("--refine-epochs", help="TOSS-Pro: epochs of each refinement.")]
+RefineRate = Annotated[float, typer.Option("--refine-learning-rate", help="TOSS-Pro: constant learning rate of each refinement.")]
+RefineBatch = Annotated[int, typer.Option("--refine-batch-size", help="TOSS-Pro: rows per optimiser step.")]
+RefineMicroBatch = Annotated[int, typer.Option("--refine-micro-batch-size", help="TOSS-Pro: rows per forward pass.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, log lines or summary; errors only.")]
 Strategy = Annotated[str, typer.Option("--strategy", help="toss (by token score, the paper), or a baseline at the same token budget: sample (whole rows by mean score), first-k (earliest response tokens), random.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of --strategy random.")]
@@ -259,11 +264,8 @@ def filter_command(
     threads: Threads = None, deterministic: Deterministic = False,
     strategy: Strategy = "toss", seed: Seed = 0, format: Format = "arrow", emit_assistant_masks: AssistantMasks = False,
     push_to_hub: RepoId = None, hub_private: HubPrivate = False,
-    rounds: Annotated[int, typer.Option("--rounds", help="TOSS-Pro: scoring rounds, refining the safety adapter on each round's flagged tokens in between (1 = plain TOSS).")] = 1,
-    refine_epochs: Annotated[float, typer.Option("--refine-epochs", help="TOSS-Pro: epochs of each refinement.")] = 1.0,
-    refine_learning_rate: Annotated[float, typer.Option("--refine-learning-rate", help="TOSS-Pro: constant learning rate of each refinement.")] = 1e-4,
-    refine_batch_size: Annotated[int, typer.Option("--refine-batch-size", help="TOSS-Pro: rows per optimiser step.")] = 16,
-    refine_micro_batch_size: Annotated[int, typer.Option("--refine-micro-batch-size", help="TOSS-Pro: rows per forward pass.")] = 4,
+    rounds: Rounds = 1, refine_epochs: RefineEpochs = 1.0, refine_learning_rate: RefineRate = 1e-4,
+    refine_batch_size: RefineBatch = 16, refine_micro_batch_size: RefineMicroBatch = 4,
     no_report: NoReport = False, quiet: Quiet = False, log_every: LogEvery = 30.0, verbose: Verbose = False,
     config: ConfigFile = None,
 ) -> None:
@@ -483,7 +485,10 @@ def eval_refs_command(
     source_column: Annotated[str, typer.Option("--source-column", help="The field naming each row's source (up to its first / or #), for the per-source table.")] = "source",
     template: Template = "chat", max_length: MaxLength = None, dtype: Dtype = "auto", device: Device = "auto",
     max_batch_tokens: BatchTokens = None, trust_remote_code: RemoteCode = False,
-    allow_pickle_weights: AllowPickle = False, quiet: Quiet = False, verbose: Verbose = False,
+    allow_pickle_weights: AllowPickle = False,
+    rounds: Rounds = 1, refine_epochs: RefineEpochs = 1.0, refine_learning_rate: RefineRate = 1e-4,
+    refine_batch_size: RefineBatch = 16, refine_micro_batch_size: RefineMicroBatch = 4,
+    quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
     """Measure how well two references separate a positive group (harmful) from every other group of labelled
     rows, through the real pipeline at --ratio: masked share per group, AUROC of the per-row masked share and
@@ -491,7 +496,9 @@ def eval_refs_command(
     from toss_filter.eval_refs import EvalRefsConfig, evaluate_references, source_table, summary_table
 
     params = dict(locals())
-    result = _run(lambda: evaluate_references(_config(EvalRefsConfig, params), show_progress=not quiet))
+    refine = RefineConfig(rounds, refine_epochs, refine_learning_rate, refine_batch_size, refine_micro_batch_size)
+    result = _run(lambda: evaluate_references(_config(EvalRefsConfig, params), show_progress=not quiet,
+                                              refine=refine))
     if not quiet:
         from rich.console import Console
 

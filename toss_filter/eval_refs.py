@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from toss_filter.config import ScoreConfig, SelectConfig, as_dict
+from toss_filter.config import RefineConfig, ScoreConfig, SelectConfig, as_dict
 from toss_filter.errors import ConfigError, InputError
 from toss_filter.files import atomic_write_text
 
@@ -199,9 +199,11 @@ def _mean(values: np.ndarray) -> float | None:
     return float(values.mean()) if len(values) else None
 
 
-def evaluate_references(config: EvalRefsConfig, show_progress: bool = True) -> dict[str, Any]:
-    """Filter the concatenated inputs with the references at `config.ratio` and measure the separation; writes
-    and returns eval-refs.json's content (with `plot`: the PNG's path, or `plot_skipped`: why there is none)."""
+def evaluate_references(config: EvalRefsConfig, show_progress: bool = True,
+                        refine: RefineConfig | None = None) -> dict[str, Any]:
+    """Filter the concatenated inputs with the references at `config.ratio` (with TOSS-Pro's rounds when
+    `refine.rounds > 1`: the separation of the final round's masks) and measure the separation; writes and returns
+    eval-refs.json's content (with `plot`: the PNG's path, or `plot_skipped`: why there is none)."""
     from toss_filter.api import filter_dataset
 
     started = time.perf_counter()
@@ -222,7 +224,7 @@ def evaluate_references(config: EvalRefsConfig, show_progress: bool = True) -> d
         allow_pickle_weights=config.allow_pickle_weights)
     select = SelectConfig(run_dir=score.run_dir, output=str(out / "filtered"), ratio=config.ratio, keep_empty=True)
     try:
-        stats = filter_dataset(score, select, show_progress=show_progress)
+        stats = filter_dataset(score, select, show_progress=show_progress, refine=refine)
     except InputError as err:  # name the user's file and row, not the concatenation's
         if err.row is None or err.source != str(combined):
             raise
@@ -230,7 +232,8 @@ def evaluate_references(config: EvalRefsConfig, show_progress: bool = True) -> d
     metrics = row_metrics(score.run_dir)
     if len(metrics["masked_share"]) != len(rows):
         raise ConfigError(f"{score.run_dir} scored {len(metrics['masked_share'])} rows but the inputs hold {len(rows)}")
-    result = {"config": as_dict(config), "masked_share": stats["masked_share"],
+    result = {"config": as_dict(config), "refine": as_dict(refine) if refine else None,
+              "masked_share": stats["masked_share"],
               "scored_tokens": stats["scored_tokens"], "masked_tokens": stats["masked_tokens"],
               **separation([row.label for row in rows], metrics, config.positive),
               "sources": by_source(rows, metrics, config.positive),
