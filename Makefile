@@ -73,7 +73,8 @@ demo: install
 	  --safety-model examples/reference-adapters/safety \
 	  --utility-model examples/reference-adapters/utility \
 	  --output $(DEMO) --run-dir $(DEMO)-run
-	$(BIN)/python examples/masked_share_by_label.py examples/data/custom_mix.jsonl $(DEMO)-run
+	$(BIN)/python examples/masked_share_by_label.py examples/data/custom_mix.jsonl $(DEMO)-run \
+	  --held-out examples/reference-adapters/eval-refs.json
 
 # The reference recipe (docs/references.md): θu on broad benign answers, then θs continued from θu on harmful ones,
 # so the pair differs by what the harmful rows teach. The *_nc files (Shadow Alignment, AlpacaEval) are research /

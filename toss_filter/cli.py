@@ -502,8 +502,9 @@ def eval_refs_command(
     if not quiet:
         from rich.console import Console
 
-        Console().print(summary_table(result))
-        Console().print(source_table(result))
+        console = Console(width=None if sys.stdout.isatty() else 160)  # a log gets whole columns, not 80 wide
+        console.print(summary_table(result))
+        console.print(source_table(result))
         typer.echo(f"json:     {output / 'eval-refs.json'}")
     if "plot_skipped" in result:
         typer.echo(f"plot:     skipped: {result['plot_skipped']}", err=True)
