@@ -281,3 +281,24 @@ def test_limit_reads_tokenizes_and_scores_only_the_first_rows(tmp_path, data, ti
                     "--run-dir", run_dir, "--device", "cpu")
     assert f"scored {len(ROWS)} rows" in stdout
     assert len(list((run_dir / "tokens").iterdir())) == 2
+
+
+def _makefile_recipe() -> list[str]:
+    """The REF_RECIPE flags of `make references`, as the Makefile writes them."""
+    text = (Path(__file__).resolve().parents[1] / "Makefile").read_text().replace("\\\n", " ")
+    line = next(line for line in text.splitlines() if line.startswith("REF_RECIPE"))
+    return line.split("?=", 1)[1].split()
+
+
+def test_the_make_references_recipe_builds_a_pair_that_filter_uses(tmp_path, data, tiny_models):
+    recipe = _makefile_recipe()
+    assert "--init-adapter" not in recipe and "--learning-rate" in recipe
+    utility, safety = tmp_path / "refs" / "utility", tmp_path / "refs" / "safety"
+    invoke("train-ref", data, "--base-model", tiny_models["base"], "--output", utility, *recipe, "--quiet")
+    invoke("train-ref", data, "--base-model", tiny_models["base"], "--init-adapter", utility, "--output", safety,
+           *recipe, "--quiet")
+    record = json.loads((safety / "training.json").read_text())
+    assert record["settings"]["init_adapter"] == str(utility) and record["lora"]["rank"] == 8
+    invoke("filter", data, "--safety-model", safety, "--utility-model", utility, "--output", tmp_path / "out",
+           "--device", "cpu", "--quiet", "--no-report")
+    assert load_from_disk(str(tmp_path / "out")).num_rows == len(ROWS)
