@@ -170,3 +170,20 @@ def test_rounds_measure_the_final_round_of_toss_pro(tmp_path, tiny_models):
     assert report["refine"]["rounds"] == 2 and [entry["round"] for entry in stats["rounds"]] == [1, 2]
     sidecar = load_from_disk(str(tmp_path / "e" / "run" / "token_scores"))  # the final round's masks
     assert sum(sum(unsafe) for unsafe in sidecar["unsafe"]) == report["masked_tokens"] == stats["masked_tokens"]
+
+
+def test_subset_script_equals_a_run_at_the_shorter_length(evaluated, tiny_models, tmp_path):
+    harmful, benign, out = evaluated
+    script = [sys.executable, str(REPO / "examples" / "eval_refs_subset.py"), str(out), "--max-length", "45"]
+    printed = subprocess.run(script, capture_output=True, text=True, check=True).stdout
+    result = CliRunner().invoke(app, ["eval-refs", str(harmful), str(benign), "--safety-model", str(tiny_models["safety"]),
+                                      "--utility-model", str(tiny_models["utility"]), "--output", str(tmp_path / "short"),
+                                      "--device", "cpu", "--ratio", "0.3", "--max-length", "45", "--quiet"])
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    direct = json.loads((tmp_path / "short" / "eval-refs.json").read_text())
+    assert direct["rows"][0]["response_tokens"] < json.loads((out / "eval-refs.json").read_text())["rows"][0]["response_tokens"]
+    for group in ("benign_general", "benign_math"):
+        line = next(line for line in printed.splitlines() if line.startswith(group + " "))
+        comparison = direct["comparisons"][group]
+        assert f"masked {comparison['masked_share_mean']:.1%}" in line
+        assert f"AUROC masked share {comparison['auroc_masked_share']:.3f}" in line
