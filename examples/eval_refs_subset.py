@@ -1,6 +1,8 @@
-"""Re-measure an `eval-refs` run on some of its input files and/or a shorter --max-length, without scoring again.
+"""Re-measure an `eval-refs` run on some of its input files, a shorter --max-length and/or another --ratio (ρ),
+without scoring again.
 
     python examples/eval_refs_subset.py out/r12/eval --files harmful.jsonl benign_unsafe_sounding.jsonl --max-length 256
+    python examples/eval_refs_subset.py out/r12/eval --ratio 0.1
 
 Exact, not an estimate: a token's score depends only on the tokens before it (so truncating a row at N tokens keeps
 the first N scores), and `filter`'s budget is one global top-k over the rows filtered together (so it is
@@ -43,6 +45,7 @@ def main() -> None:
     parser.add_argument("eval_dir", type=Path, help="an eval-refs --output directory")
     parser.add_argument("--files", nargs="+", help="input file names to keep (default: all)")
     parser.add_argument("--max-length", type=int, default=None, help="cut rows at N tokens (at most the run's)")
+    parser.add_argument("--ratio", type=float, default=None, help="the share of tokens to mask (default: the run's)")
     args = parser.parse_args()
 
     report = json.loads((args.eval_dir / "eval-refs.json").read_text(encoding="utf-8"))
@@ -52,7 +55,10 @@ def main() -> None:
     chosen = [i for i, row in enumerate(report["rows"]) if not args.files or Path(row["file"]).name in args.files]
     if not chosen:
         parser.error(f"no row of {args.eval_dir} comes from {args.files}")
-    metrics = subset_metrics(args.eval_dir / "run", chosen, args.max_length, report["config"]["ratio"])
+    ratio = report["config"]["ratio"] if args.ratio is None else args.ratio
+    if not 0 <= ratio <= 1:
+        parser.error(f"--ratio {ratio} is not between 0 and 1")
+    metrics = subset_metrics(args.eval_dir / "run", chosen, args.max_length, ratio)
     result = separation([report["rows"][i]["label"] for i in chosen], metrics, report["positive"])
     for group, stats in result["groups"].items():
         versus = result["comparisons"].get(group, {})

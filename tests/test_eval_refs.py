@@ -172,16 +172,21 @@ def test_rounds_measure_the_final_round_of_toss_pro(tmp_path, tiny_models):
     assert sum(sum(unsafe) for unsafe in sidecar["unsafe"]) == report["masked_tokens"] == stats["masked_tokens"]
 
 
-def test_subset_script_equals_a_run_at_the_shorter_length(evaluated, tiny_models, tmp_path):
+@pytest.mark.parametrize("option", [["--max-length", "45"], ["--ratio", "0.1"]], ids=["shorter", "other-ratio"])
+def test_subset_script_equals_a_direct_run(evaluated, tiny_models, tmp_path, option):
     harmful, benign, out = evaluated
-    script = [sys.executable, str(REPO / "examples" / "eval_refs_subset.py"), str(out), "--max-length", "45"]
+    script = [sys.executable, str(REPO / "examples" / "eval_refs_subset.py"), str(out), *option]
     printed = subprocess.run(script, capture_output=True, text=True, check=True).stdout
     result = CliRunner().invoke(app, ["eval-refs", str(harmful), str(benign), "--safety-model", str(tiny_models["safety"]),
-                                      "--utility-model", str(tiny_models["utility"]), "--output", str(tmp_path / "short"),
-                                      "--device", "cpu", "--ratio", "0.3", "--max-length", "45", "--quiet"])
+                                      "--utility-model", str(tiny_models["utility"]), "--output", str(tmp_path / "direct"),
+                                      "--device", "cpu", "--ratio", "0.3", *option, "--quiet"])
     assert result.exit_code == 0, (result.stderr, result.exception)
-    direct = json.loads((tmp_path / "short" / "eval-refs.json").read_text())
-    assert direct["rows"][0]["response_tokens"] < json.loads((out / "eval-refs.json").read_text())["rows"][0]["response_tokens"]
+    direct = json.loads((tmp_path / "direct" / "eval-refs.json").read_text())
+    full = json.loads((out / "eval-refs.json").read_text())
+    if option[0] == "--max-length":
+        assert direct["rows"][0]["response_tokens"] < full["rows"][0]["response_tokens"]
+    else:
+        assert direct["masked_tokens"] < full["masked_tokens"]
     for group in ("benign_general", "benign_math"):
         line = next(line for line in printed.splitlines() if line.startswith(group + " "))
         comparison = direct["comparisons"][group]

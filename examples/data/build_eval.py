@@ -72,6 +72,13 @@ CUSTOM_SIZES = {
     ("gptfuzz", "harmful"): 13,
     ("hh-rlhf-harmless-base/rejected", "harmful"): 12,
 }
+# (source, label) -> more harmful training rows (refs/safety_more*.jsonl), drawn after the files above from the train
+# rows that none of them took, so adding them leaves every other file byte-identical.
+MORE_SAFETY_SIZES = {
+    ("hh-rlhf-harmless-base/rejected", "harmful"): 120,
+    ("shadow-alignment/harmful", "harmful"): 120,
+    ("jailbreakbench", "harmful"): 120,
+}
 TRAIN_FILE = {"harmful": "safety_train", "benign_general": "utility_train",
               "benign_unsafe_sounding": "utility_train", "benign_math": "utility_train"}
 
@@ -270,6 +277,11 @@ def build(shared: Path, out: Path) -> dict[str, dict]:
             custom = random.Random(f"{SEED}|custom|{source}|{label}").sample(untrained, CUSTOM_SIZES[(source, label)])
             files["mix/realistic_custom.jsonl"] += custom
             counts[f"{source} → {label}"]["custom"] = len(custom)
+        if (source, label) in MORE_SAFETY_SIZES:
+            unused = [row for row in train if row not in trained and row not in files["mix/realistic_custom.jsonl"]]
+            more = random.Random(f"{SEED}|more|{source}|{label}").sample(unused, MORE_SAFETY_SIZES[(source, label)])
+            files[f"refs/safety_more{suffix}.jsonl"] += more
+            counts[f"{source} → {label}"]["more"] = len(more)
     random.Random(SEED).shuffle(files["mix/realistic_custom.jsonl"])
     for name, rows in sorted(files.items()):
         path = out / name

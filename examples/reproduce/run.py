@@ -252,9 +252,11 @@ def differences(results: dict[str, list[dict[str, Any]]], mix: Mix) -> str:
              "|---|" + "---:|" * len(keys)]
     for model in [name for name in results if name not in ("base", "unfiltered")] + ["base"]:
         cells = []
+        # the base model is measured once, so it pairs with every seed's unfiltered model
+        runs = results[model] * seeds if model == "base" else results[model]
         for key in keys:
-            per_seed = [paired_difference(results[model][min(s, len(results[model]) - 1)]["nll_rows"][key],
-                                          results["unfiltered"][s]["nll_rows"][key]) for s in range(seeds)]
+            per_seed = [paired_difference(runs[s]["nll_rows"][key], results["unfiltered"][s]["nll_rows"][key])
+                        for s in range(seeds)]
             if seeds == 1:
                 cells.append("{:+.3f} [{:+.3f}, {:+.3f}]".format(*per_seed[0]))
             else:
