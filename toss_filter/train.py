@@ -138,6 +138,24 @@ def trainable_rows(tokens: pa.Table) -> Dataset:
     })
 
 
+def _sources(config: TrainRefConfig) -> list[str]:
+    return [config.data] if isinstance(config.data, str) else list(config.data)
+
+
+def training_tokens(config: TrainRefConfig, tokenizer: PreTrainedTokenizerBase) -> pa.Table:
+    """CONFIG's data (its first `max_rows` rows over all inputs, in order), tokenized exactly as `filter` does: the
+    table whose `tokens_digest` is training.json's `data_sha256`."""
+    encode = ConversationTokenizer(tokenizer, resolve_format(tokenizer, config.template), config.max_length)
+    tables, left = [], config.max_rows
+    for source in _sources(config):
+        conversations = itertools.islice(load_conversations(source, config.split, config.columns), left)
+        tables.append(tokenize_rows(conversations, encode, source))
+        left = None if left is None else left - tables[-1].num_rows
+        if left == 0:
+            break
+    return pa.concat_tables(tables)
+
+
 def train_reference(config: TrainRefConfig, show_progress: bool = False) -> dict[str, Any]:
     """Train one reference adapter; returns what is written to OUTPUT/training.json."""
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -151,19 +169,10 @@ def train_reference(config: TrainRefConfig, show_progress: bool = False) -> dict
                                                      trust_remote_code=config.trust_remote_code)
     except (OSError, ValueError) as err:
         raise ConfigError(f"--base-model: cannot load {config.base_model}: {err}") from err
-    encode = ConversationTokenizer(tokenizer, resolve_format(tokenizer, config.template), config.max_length)
-    sources = [config.data] if isinstance(config.data, str) else list(config.data)
-    tables, left = [], config.max_rows
-    for source in sources:
-        conversations = itertools.islice(load_conversations(source, config.split, config.columns), left)
-        tables.append(tokenize_rows(conversations, encode, source))
-        left = None if left is None else left - tables[-1].num_rows
-        if left == 0:
-            break
-    tokens = pa.concat_tables(tables)
+    tokens = training_tokens(config, tokenizer)
     rows = trainable_rows(tokens)
     if len(rows) == 0:
-        raise ConfigError(f"{', '.join(sources)}: no row has a response token to train on")
+        raise ConfigError(f"{', '.join(_sources(config))}: no row has a response token to train on")
 
     torch.manual_seed(config.seed)
     if config.init_adapter is not None:
