@@ -272,13 +272,13 @@ def build(shared: Path, out: Path) -> dict[str, dict]:
             files[f"refs/{TRAIN_FILE[label]}{suffix}.jsonl"] += trained
         counts[f"{source} → {label}"] = {"heldout_pool": len(heldout), "eval": len(evaluated),
                                          "train_pool": len(train), "train": len(trained)}
+        unused = [row for row in train if row not in trained]  # each draw below takes from what is left
         if (source, label) in CUSTOM_SIZES:
-            untrained = [row for row in train if row not in trained]
-            custom = random.Random(f"{SEED}|custom|{source}|{label}").sample(untrained, CUSTOM_SIZES[(source, label)])
+            custom = random.Random(f"{SEED}|custom|{source}|{label}").sample(unused, CUSTOM_SIZES[(source, label)])
             files["mix/realistic_custom.jsonl"] += custom
             counts[f"{source} → {label}"]["custom"] = len(custom)
+            unused = [row for row in unused if row not in custom]
         if (source, label) in MORE_SAFETY_SIZES:
-            unused = [row for row in train if row not in trained and row not in files["mix/realistic_custom.jsonl"]]
             more = random.Random(f"{SEED}|more|{source}|{label}").sample(unused, MORE_SAFETY_SIZES[(source, label)])
             files[f"refs/safety_more{suffix}.jsonl"] += more
             counts[f"{source} → {label}"]["more"] = len(more)
