@@ -259,7 +259,10 @@ class RayExecutor:
         try:
             return ray.get(refs)
         except ray.exceptions.RayError as err:
-            for ref in refs:
+            # Only the tasks still running: cancelling one whose result is already in (the failed one, at least) can
+            # race its completion inside Ray, which then aborts this process ("unexpected system state", ray 2.60).
+            _, running = ray.wait(refs, num_returns=len(refs), timeout=0)
+            for ref in running:
                 ray.cancel(ref)
             cause = getattr(err, "cause", None)
             if isinstance(cause, TossError):
