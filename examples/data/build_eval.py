@@ -72,15 +72,18 @@ CUSTOM_SIZES = {
     ("gptfuzz", "harmful"): 13,
     ("hh-rlhf-harmless-base/rejected", "harmful"): 12,
 }
-# (source, label) -> more harmful training rows (refs/safety_more*.jsonl), drawn after the files above from the train
-# rows that none of them took, so adding them leaves every other file byte-identical.
-MORE_SAFETY_SIZES = {
+# (source, label) -> more training rows (refs/safety_more*.jsonl, refs/utility_more*.jsonl), drawn after the files
+# above from the train rows that none of them took, so adding them leaves every other file byte-identical.
+MORE_SIZES = {
     ("hh-rlhf-harmless-base/rejected", "harmful"): 120,
     ("shadow-alignment/harmful", "harmful"): 120,
     ("jailbreakbench", "harmful"): 120,
+    ("hh-rlhf-helpful", "benign_general"): 240,
+    ("shadow-alignment/benign", "benign_general"): 120,
 }
 TRAIN_FILE = {"harmful": "safety_train", "benign_general": "utility_train",
               "benign_unsafe_sounding": "utility_train", "benign_math": "utility_train"}
+MORE_FILE = {"harmful": "safety_more", "benign_general": "utility_more"}
 
 
 def heldout_unit(unit: str) -> bool:
@@ -278,9 +281,9 @@ def build(shared: Path, out: Path) -> dict[str, dict]:
             files["mix/realistic_custom.jsonl"] += custom
             counts[f"{source} → {label}"]["custom"] = len(custom)
             unused = [row for row in unused if row not in custom]
-        if (source, label) in MORE_SAFETY_SIZES:
-            more = random.Random(f"{SEED}|more|{source}|{label}").sample(unused, MORE_SAFETY_SIZES[(source, label)])
-            files[f"refs/safety_more{suffix}.jsonl"] += more
+        if (source, label) in MORE_SIZES:
+            more = random.Random(f"{SEED}|more|{source}|{label}").sample(unused, MORE_SIZES[(source, label)])
+            files[f"refs/{MORE_FILE[label]}{suffix}.jsonl"] += more
             counts[f"{source} → {label}"]["more"] = len(more)
     random.Random(SEED).shuffle(files["mix/realistic_custom.jsonl"])
     for name, rows in sorted(files.items()):
