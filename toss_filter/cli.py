@@ -322,7 +322,9 @@ def score_command(
     summary = _run(lambda: score_dataset(_config(ScoreConfig, params), _config(ExecutorConfig, params),
                                          show_progress=not quiet))
     if not quiet:
-        typer.echo(f"scored {summary['rows']} rows into {run_dir} ({summary['resumed_shards']} of {summary['shards']} shards resumed)")
+        reused = summary["reused_shard_roles"]
+        typer.echo(f"scored {summary['rows']} rows into {run_dir} ({summary['resumed_shards']} of {summary['shards']} "
+                   f"shards resumed" + (f"; {reused} reference-shard scores reused from another pair)" if reused else ")"))
         _verify_summary(summary)
 
 

@@ -203,3 +203,13 @@ def _size(count: int) -> str:
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1000
     return f"{count} B"
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """`target` as a hard link to the (immutable) file `source`, or a copy where links are refused."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -45,22 +43,12 @@ from toss_filter.config import RefineConfig, ScoreConfig, SelectConfig, as_dict
 from toss_filter.data.tokenize import IGNORE_INDEX
 from toss_filter.data.write import list_array
 from toss_filter.errors import ConfigError
-from toss_filter.files import atomic_file, atomic_write_text
+from toss_filter.files import atomic_file, atomic_write_text, link_or_copy
 from toss_filter.plan import write_table
 from toss_filter.run import RunDir, content_key, model_fingerprint
 from toss_filter.score.models import resolve_device, resolve_dtype, resolve_spec
 from toss_filter.score.torch_backend import TorchScorer
 from toss_filter.select.rules import choose_unsafe
-
-
-def _link(source: Path, target: Path) -> None:
-    """`target` as a hard link to the (immutable) shard file `source`, or a copy where links are refused."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.unlink(missing_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
 
 
 def round_stats(round_number: int, scores: np.ndarray, flagged: np.ndarray, previous: np.ndarray | None) -> dict[str, Any]:
@@ -213,7 +201,7 @@ def refine_rounds(score_config: ScoreConfig, select_config: SelectConfig, refine
             write_table(run.score_shard(key, "safety", shard), pa.table({
                 "row": shards[shard].row_ids,
                 "nll": list_array(nll_safety[start:stop], offsets[span.start:span.stop + 1] - start, pa.float32())}))
-            _link(run.score_shard(state["score_key"], "utility", shard), run.score_shard(key, "utility", shard))
+            link_or_copy(run.score_shard(state["score_key"], "utility", shard), run.score_shard(key, "utility", shard))
         atomic_write_text(run.scores_dir(key) / "key.json", (first / "key.json").read_text())
         state |= {"first_round_score_key": state["score_key"], "score_key": key}
     run.write_json("run.json", state | {"rounds": entries, "refine": as_dict(refine) | {"flagged_with": select_config.flagging()}})

@@ -76,6 +76,12 @@ def test_float32_adapters_are_merged_and_every_role_switch_is_exactly_repeatable
     for role, other in (("safety", scorer), ("utility", scorer), ("utility", fresh), ("safety", fresh)):
         for a, b in zip(first[role], other.nll(role, rows)):
             np.testing.assert_array_equal(a, b)
+    # A role's scores do not depend on the other reference: utility beside another safety adapter (here utility's
+    # own), bit for bit.
+    alone = TorchScorer(ReferenceModels(specs["utility"], specs["utility"], torch.float32, "cpu"))
+    for role in ("safety", "utility"):
+        for a, b in zip(first["utility"], alone.nll(role, rows)):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_bfloat16_adapters_stay_unmerged(tiny_models, rows):

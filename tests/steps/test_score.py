@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,35 @@ def test_a_row_longer_than_the_context_is_refused_before_scoring(tmp_path, tiny_
         score_dataset(score_config(data, tiny_models, tmp_path / "run"), show_progress=False)
     assert not (tmp_path / "run" / "scores").exists() or not list((tmp_path / "run" / "scores").rglob("shard-*"))
     score_dataset(score_config(data, tiny_models, tmp_path / "run", max_length=1024), show_progress=False)
+
+
+def test_changing_one_reference_rescores_only_that_one(tmp_path, data, tiny_models):
+    run_dir = tmp_path / "run"
+    first = score_dataset(score_config(data, tiny_models, run_dir), show_progress=False)
+    assert first["reused_shard_roles"] == 0
+    other_safety = ScoreConfig(str(data), str(tiny_models["utility"]), str(tiny_models["utility"]), str(run_dir),
+                               shard_rows=4, device="cpu")
+    second = score_dataset(other_safety, show_progress=False)
+    assert second["score_key"] != first["score_key"]
+    assert second["reused_shard_roles"] == first["shards"]  # every utility shard, no safety shard
+    assert second["timings"]["model_tokens_scored_this_run"] == first["tokens"]  # one role only
+    run = RunDir(run_dir)
+    for shard in range(first["shards"]):
+        reused = run.score_shard(second["score_key"], "utility", shard)
+        assert reused.stat().st_ino == run.score_shard(first["score_key"], "utility", shard).stat().st_ino
+    fresh = score_dataset(replace(other_safety, run_dir=str(tmp_path / "fresh")), show_progress=False)
+    assert (file_digests(run_dir, "scores", second["score_key"])
+            == file_digests(tmp_path / "fresh", "scores", fresh["score_key"]))
+
+
+def test_scores_under_a_key_that_is_not_its_own_are_never_reused(tmp_path, data, tiny_models):
+    """TOSS-Pro's refined keys carry the first round's key.json, but their θs is another model."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    first = score_dataset(score_config(data, tiny_models, run_dir), show_progress=False)
+    scores = RunDir(run_dir).scores_dir(first["score_key"])
+    shutil.move(scores, scores.with_name("f" * 16))
+    again = score_dataset(score_config(data, tiny_models, run_dir), show_progress=False)
+    assert again["reused_shard_roles"] == 0
+    assert again["timings"]["model_tokens_scored_this_run"] == 2 * first["tokens"]

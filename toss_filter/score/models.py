@@ -6,11 +6,12 @@ both models.
 
 In float32, plain LoRA adapters (Linear layers only: no DoRA, LoRA bias or `modules_to_save`, no tied layer) are
 merged into the weights, because the unmerged LoRA branch cost ~10% of the forward time on CPU. With a shared base
-the merge is in place (peft `merge_adapter`/`unmerge_adapter`), so it costs no memory, and each role is reached
-from the freshly loaded weights by one fixed sequence: merge and unmerge every role before it (in `ROLES` order),
-then merge it. Going back to an earlier role reloads the weights. So a role's weights never depend on what was
-scored before, and a resumed run is bit-identical; `one_role_at_a_time` tells the scorer to finish one role over
-all shards before the next. In bfloat16/float16 the adapters stay unmerged (peft `set_adapter`): rounding W + ΔW
+the merge is in place (peft `merge_adapter`), so it costs no memory, and each role is merged into freshly loaded
+weights: switching roles reloads them, because a merge followed by an unmerge does not give the float weights back.
+So a role's weights depend on its own adapter and base alone, never on the other reference or on what was scored
+before: a resumed run is bit-identical, and a run that changes one reference can reuse the other's scores
+(steps/score.py). `one_role_at_a_time` tells the scorer to finish one role over all shards before the next, so a
+run reloads at most once. In bfloat16/float16 the adapters stay unmerged (peft `set_adapter`): rounding W + ΔW
 to 8 mantissa bits would lose most of a LoRA delta.
 
 Weights load from safetensors only: a model, adapter or base directory that has only pickle weights
@@ -225,23 +226,14 @@ class ReferenceModels:
         return model.get_base_model()
 
     def _merge_in_place(self, role: str) -> Any:
-        """The shared peft model with `role` merged, reached by the fixed sequence of the module docstring."""
-        order = list(self.specs)
-        if self._merged is not None and order.index(self._merged) > order.index(role):
-            self._models, self._merged = {}, None  # no fixed way back: start again from the saved weights
+        """The shared peft model with only `role` merged, into freshly loaded weights (the module docstring)."""
+        if self._merged not in (None, role):
+            self._models, self._merged = {}, None
             self.load()
         model = self._models[role]
-        if self._merged == role:
-            return model
-        start = 0
-        if self._merged is not None:
-            model.unmerge_adapter()
-            start = order.index(self._merged) + 1
-        for earlier in order[start:order.index(role)]:
-            model.merge_adapter([earlier])
-            model.unmerge_adapter()
-        model.merge_adapter([role])
-        self._merged = role
+        if self._merged is None:
+            model.merge_adapter([role])
+            self._merged = role
         return model
 
     def describe(self) -> dict[str, Any]:

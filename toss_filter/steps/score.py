@@ -28,7 +28,7 @@ from toss_filter.config import ExecutorConfig, ScoreConfig, as_dict
 from toss_filter.data.tokenize import ConversationTokenizer, resolve_format
 from toss_filter.data.write import list_array
 from toss_filter.errors import ConfigError
-from toss_filter.files import atomic_write_text
+from toss_filter.files import atomic_write_text, link_or_copy
 from toss_filter.plan import ShardPlan, parse_slice, write_table
 from toss_filter.run import RunDir, content_key, list_column, model_fingerprint, package_versions
 from toss_filter.score.base import TokenRow
@@ -154,6 +154,32 @@ def score_key(manifest: dict[str, Any], config: ScoreConfig, references: Referen
     return content_key(payload), payload
 
 
+def reuse_role_scores(run: RunDir, key: str, payload: dict[str, Any],
+                      missing: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Link each missing (role, shard) that another score key of this run already holds for the same tokens,
+    backend and dtype and the same model and base in that role, and return the rest: a role's NLLs depend on
+    nothing else, so changing one reference re-scores only that one. Only keys whose key.json hashes to their own
+    name count (TOSS-Pro's refined keys copy the first round's key.json, and their θs is another model)."""
+    same = ("tokens_digest", "backend", "dtype")
+    donors = []
+    for folder in sorted(run.scores_dir(key).parent.iterdir()):
+        if folder.name != key and (folder / "key.json").exists():
+            other = json.loads((folder / "key.json").read_text())
+            if content_key(other) == folder.name and all(other.get(field) == payload[field] for field in same):
+                donors.append((folder.name, other))
+    left = []
+    for role, shard in missing:
+        source = next((run.score_shard(name, role, shard) for name, other in donors
+                       if other["models"].get(role) == payload["models"][role]
+                       and other["bases"].get(role) == payload["bases"][role]
+                       and run.score_shard(name, role, shard).exists()), None)
+        if source is None:
+            left.append((role, shard))
+        else:
+            link_or_copy(source, run.score_shard(key, role, shard))
+    return left
+
+
 CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
@@ -200,7 +226,8 @@ def score_step(config: ScoreConfig, executor: Executor, show_progress: bool = Tr
 
     index, count = parse_slice(config.shard_slice)
     mine = plan.slice(index, count)
-    missing = run.missing_scores(key, ROLES, mine)
+    unscored = run.missing_scores(key, ROLES, mine)
+    missing = reuse_role_scores(run, key, key_payload, unscored)
     job = ScoreJob(config, tokens_key, key, executor_config.threads if executor_config else None,
                    bool(executor_config and executor_config.deterministic))
     result = executor.score(job, missing, show_progress) if missing else {"scorer": None, "score_s": 0.0,
@@ -208,6 +235,7 @@ def score_step(config: ScoreConfig, executor: Executor, show_progress: bool = Tr
     summary = {
         "tokens_key": tokens_key, "score_key": key, "shard_rows": plan.shard_rows, "rows": plan.rows,
         "shards": plan.shards, "tokens": manifest["tokens"], "resumed_shards": len(mine) - len({s for _, s in missing}),
+        "reused_shard_roles": len(unscored) - len(missing),
         "input": config.input, "template": chat_format.name, "models": references.describe(),
         "score_config": as_dict(config), "device": references.device, "dtype": str(references.dtype),
         "scorer": result["scorer"],
