@@ -172,21 +172,30 @@ def test_rounds_measure_the_final_round_of_toss_pro(tmp_path, tiny_models):
     assert sum(sum(unsafe) for unsafe in sidecar["unsafe"]) == report["masked_tokens"] == stats["masked_tokens"]
 
 
-@pytest.mark.parametrize("option", [["--max-length", "45"], ["--ratio", "0.1"]], ids=["shorter", "other-ratio"])
-def test_subset_script_equals_a_direct_run(evaluated, tiny_models, tmp_path, option):
+@pytest.mark.parametrize("case", ["shorter", "other-ratio", "exclude"])
+def test_subset_script_equals_a_direct_run(evaluated, tiny_models, tmp_path, case):
     harmful, benign, out = evaluated
-    script = [sys.executable, str(REPO / "examples" / "eval_refs_subset.py"), str(out), *option]
+    inputs, option = [harmful, benign], {"shorter": ["--max-length", "45"], "other-ratio": ["--ratio", "0.1"]}.get(case, [])
+    if case == "exclude":  # two harmful rows and one benign row left out: the budget is over the rest
+        left_out = [json.loads(line) for file in (harmful, benign) for line in file.read_text().splitlines()][1:8:3]
+        exclude = write_jsonl(tmp_path / "exclude.jsonl", [{"source": row["source"]} for row in left_out])
+        inputs = [write_jsonl(tmp_path / file.name, [row for row in map(json.loads, file.read_text().splitlines())
+                                                      if row not in left_out]) for file in (harmful, benign)]
+    script = [sys.executable, str(REPO / "examples" / "eval_refs_subset.py"), str(out), *option,
+              *(["--exclude", str(exclude)] if case == "exclude" else [])]
     printed = subprocess.run(script, capture_output=True, text=True, check=True).stdout
-    result = CliRunner().invoke(app, ["eval-refs", str(harmful), str(benign), "--safety-model", str(tiny_models["safety"]),
+    result = CliRunner().invoke(app, ["eval-refs", *map(str, inputs), "--safety-model", str(tiny_models["safety"]),
                                       "--utility-model", str(tiny_models["utility"]), "--output", str(tmp_path / "direct"),
                                       "--device", "cpu", "--ratio", "0.3", *option, "--quiet"])
     assert result.exit_code == 0, (result.stderr, result.exception)
     direct = json.loads((tmp_path / "direct" / "eval-refs.json").read_text())
     full = json.loads((out / "eval-refs.json").read_text())
-    if option[0] == "--max-length":
+    if case == "shorter":
         assert direct["rows"][0]["response_tokens"] < full["rows"][0]["response_tokens"]
-    else:
+    elif case == "other-ratio":
         assert direct["masked_tokens"] < full["masked_tokens"]
+    else:
+        assert len(direct["rows"]) == len(full["rows"]) - 3
     for group in ("benign_general", "benign_math"):
         line = next(line for line in printed.splitlines() if line.startswith(group + " "))
         comparison = direct["comparisons"][group]
