@@ -3,7 +3,7 @@ another --ratio (ρ), without scoring again.
 
     python examples/eval_refs_subset.py out/r12/eval --files harmful.jsonl benign_unsafe_sounding.jsonl --max-length 256
     python examples/eval_refs_subset.py out/r12/eval --ratio 0.1
-    python examples/eval_refs_subset.py out/r12/eval --exclude examples/data/audit/hh_rejected_not_harmful.jsonl
+    python examples/eval_refs_subset.py out/r12/eval --exclude examples/data/audit/*_not_harmful.jsonl
 
 Exact, not an estimate: a token's score depends only on the tokens before it (so truncating a row at N tokens keeps
 the first N scores), and `filter`'s budget is one global top-k over the rows filtered together (so it is
@@ -47,8 +47,8 @@ def main() -> None:
     parser.add_argument("--files", nargs="+", help="input file names to keep (default: all)")
     parser.add_argument("--max-length", type=int, default=None, help="cut rows at N tokens (at most the run's)")
     parser.add_argument("--ratio", type=float, default=None, help="the share of tokens to mask (default: the run's)")
-    parser.add_argument("--exclude", type=Path, help="a JSONL file: leave out the input rows whose `source` is one of "
-                                                      "its rows' `source`")
+    parser.add_argument("--exclude", type=Path, nargs="+", default=[],
+                        help="JSONL files: leave out the input rows whose `source` is one of their rows' `source`")
     args = parser.parse_args()
 
     report = json.loads((args.eval_dir / "eval-refs.json").read_text(encoding="utf-8"))
@@ -57,12 +57,15 @@ def main() -> None:
         parser.error(f"--max-length {args.max_length} is longer than the run's {run_max}")
     chosen = [i for i, row in enumerate(report["rows"]) if not args.files or Path(row["file"]).name in args.files]
     if args.exclude:
-        excluded = {json.loads(line)["source"] for line in args.exclude.read_text(encoding="utf-8").splitlines() if line.strip()}
         sources = [json.loads(line).get("source") for line in
                    (args.eval_dir / "input.jsonl").read_text(encoding="utf-8").splitlines()]
-        unknown = excluded - set(sources)
-        if unknown:
-            parser.error(f"{args.exclude}: no input row of {args.eval_dir} has source {sorted(unknown)[0]!r}")
+        excluded = set()
+        for path in args.exclude:
+            listed = {json.loads(line)["source"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
+            unknown = listed - set(sources)
+            if unknown:
+                parser.error(f"{path}: no input row of {args.eval_dir} has source {sorted(unknown)[0]!r}")
+            excluded |= listed
         chosen = [i for i in chosen if sources[i] not in excluded]
     if not chosen:
         parser.error(f"no row of {args.eval_dir} is left with --files {args.files} and --exclude {args.exclude}")

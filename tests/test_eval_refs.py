@@ -178,11 +178,12 @@ def test_subset_script_equals_a_direct_run(evaluated, tiny_models, tmp_path, cas
     inputs, option = [harmful, benign], {"shorter": ["--max-length", "45"], "other-ratio": ["--ratio", "0.1"]}.get(case, [])
     if case == "exclude":  # two harmful rows and one benign row left out: the budget is over the rest
         left_out = [json.loads(line) for file in (harmful, benign) for line in file.read_text().splitlines()][1:8:3]
-        exclude = write_jsonl(tmp_path / "exclude.jsonl", [{"source": row["source"]} for row in left_out])
+        excludes = [write_jsonl(tmp_path / f"exclude-{i}.jsonl", [{"source": row["source"]} for row in part])
+                    for i, part in enumerate((left_out[:2], left_out[2:]))]  # two files, as the audit has
         inputs = [write_jsonl(tmp_path / file.name, [row for row in map(json.loads, file.read_text().splitlines())
                                                       if row not in left_out]) for file in (harmful, benign)]
     script = [sys.executable, str(REPO / "examples" / "eval_refs_subset.py"), str(out), *option,
-              *(["--exclude", str(exclude)] if case == "exclude" else [])]
+              *(["--exclude", *map(str, excludes)] if case == "exclude" else [])]
     printed = subprocess.run(script, capture_output=True, text=True, check=True).stdout
     result = CliRunner().invoke(app, ["eval-refs", *map(str, inputs), "--safety-model", str(tiny_models["safety"]),
                                       "--utility-model", str(tiny_models["utility"]), "--output", str(tmp_path / "direct"),
