@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from datasets import load_from_disk
@@ -9,10 +12,10 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from conftest import chat, write_jsonl
-from toss_filter import RefineConfig, ScoreConfig, SelectConfig, filter_dataset
+from toss_filter import RefineConfig, ScoreConfig, SelectConfig, filter_dataset, score_dataset
 from toss_filter.errors import ConfigError
 from toss_filter.refine import round_stats
-from toss_filter.run import RunDir, list_column
+from toss_filter.run import RunDir, content_key, list_column, model_fingerprint
 from toss_filter.score.torch_backend import TorchScorer
 
 ROWS = [chat(f"Question {i}?", f"Answer {i}: here is a response with several tokens to flag.") for i in range(8)]
@@ -59,6 +62,31 @@ def test_three_rounds_refine_safety_keep_utility_and_record_each_round(tmp_path,
     row = slice(offsets[0], offsets[1])
     direct = TorchScorer().model_nll(refined.get_base_model(), [(ids[row], labels[row])])[0]
     np.testing.assert_allclose(final_safety[row], direct, atol=1e-4)
+
+
+def test_the_refined_key_describes_its_own_scores_and_lends_them(tmp_path, tiny_models):
+    """The refined key.json names the last refined adapter, so scoring that adapter later reuses its scores."""
+    run_rounds(tmp_path, tiny_models, rounds=3)
+    run = RunDir(tmp_path / "run")
+    state = run.read_json("run.json")
+    first = json.loads((run.scores_dir(state["first_round_score_key"]) / "key.json").read_text())
+    refined = json.loads((run.scores_dir(state["score_key"]) / "key.json").read_text())
+    adapter = tmp_path / "run" / "rounds" / "round-2" / "safety"
+    assert content_key(refined) == state["score_key"]
+    assert refined["models"] == {"safety": model_fingerprint(str(adapter)), "utility": first["models"]["utility"]}
+    assert refined["role_backends"] == {"safety": "torch"}
+    assert refined["refined"]["first_round"] == state["first_round_score_key"]
+
+    rescored = ScoreConfig(str(tmp_path / "data.jsonl"), str(adapter), str(tiny_models["utility"]),
+                           str(tmp_path / "run"), device="cpu")
+    again = score_dataset(rescored, show_progress=False)
+    assert again["reused_shard_roles"] == 2 * again["shards"]
+    fresh = score_dataset(replace(rescored, run_dir=str(tmp_path / "fresh")), show_progress=False)
+    for role in ("safety", "utility"):
+        reused = list_column(run.read_scores(again["score_key"], again["shards"]), f"nll_{role}")[0]
+        direct = list_column(RunDir(tmp_path / "fresh").read_scores(fresh["score_key"], fresh["shards"]),
+                             f"nll_{role}")[0]
+        np.testing.assert_array_equal(reused, direct)
 
 
 def test_one_round_is_plain_toss(tmp_path, tiny_models):

@@ -20,7 +20,8 @@ more. Training and scoring on CPU are deterministic, so a resumed run equals an 
 
 Written into the run directory: each refined adapter as `rounds/round-<r>/safety/` (PEFT format), the last
 round's scores as a new score key, shard by shard (θu's files are linked from the first round's key), so `select`
-and `report` work unchanged, and in run.json a `rounds` list of
+and `report` work unchanged. Its key.json is the first round's with the refined adapter as the safety model, the
+torch backend for that role (`role_backends`), and the refinement under `refined`, and in run.json a `rounds` list of
 `{"round", "masked_share", "overlap_with_previous", "mean_score_flagged", "mean_score_unflagged",
 "refine_rows", "refine_final_loss"}` that `select` copies into stats.json. Refinement re-scores with the torch
 backend whatever `--backend` scored round 1; both backends agree to float tolerance (docs/vllm.md).
@@ -193,16 +194,20 @@ def refine_rounds(score_config: ScoreConfig, select_config: SelectConfig, refine
         _checkpoint(target.parent, checkpoint_key, entries[-1], nll_safety, flagged)
 
     if refine.rounds > 1:
-        key = content_key({"first_round": state["score_key"], "refined_safety": model_fingerprint(adapter),
-                           **as_dict(refine), **select_config.flagging()})
-        first = run.scores_dir(state["score_key"])
+        first_payload = json.loads((run.scores_dir(state["score_key"]) / "key.json").read_text())
+        payload = first_payload | {
+            "models": first_payload["models"] | {"safety": model_fingerprint(adapter)},
+            "role_backends": {"safety": "torch"},
+            "refined": {"first_round": state["score_key"], **as_dict(refine), **select_config.flagging()},
+        }
+        key = content_key(payload)
         for shard, span in enumerate(map(plan.span, range(plan.shards))):
             start, stop = offsets[span.start], offsets[span.stop]
             write_table(run.score_shard(key, "safety", shard), pa.table({
                 "row": shards[shard].row_ids,
                 "nll": list_array(nll_safety[start:stop], offsets[span.start:span.stop + 1] - start, pa.float32())}))
             link_or_copy(run.score_shard(state["score_key"], "utility", shard), run.score_shard(key, "utility", shard))
-        atomic_write_text(run.scores_dir(key) / "key.json", (first / "key.json").read_text())
+        atomic_write_text(run.scores_dir(key) / "key.json", json.dumps(payload, indent=1) + "\n")
         state |= {"first_round_score_key": state["score_key"], "score_key": key}
     run.write_json("run.json", state | {"rounds": entries, "refine": as_dict(refine) | {"flagged_with": select_config.flagging()}})
     return entries

@@ -169,7 +169,7 @@ def test_changing_one_reference_rescores_only_that_one(tmp_path, data, tiny_mode
 
 
 def test_scores_under_a_key_that_is_not_its_own_are_never_reused(tmp_path, data, tiny_models):
-    """TOSS-Pro's refined keys carry the first round's key.json, but their θs is another model."""
+    """A key.json that does not hash to its folder's name (edited, or renamed) cannot vouch for its scores."""
     import shutil
 
     run_dir = tmp_path / "run"

@@ -154,13 +154,18 @@ def score_key(manifest: dict[str, Any], config: ScoreConfig, references: Referen
     return content_key(payload), payload
 
 
+def role_backend(payload: dict[str, Any], role: str) -> str:
+    """The backend that scored `role` under a key: TOSS-Pro re-scores θs with torch whatever scored round 1."""
+    return payload.get("role_backends", {}).get(role, payload["backend"])
+
+
 def reuse_role_scores(run: RunDir, key: str, payload: dict[str, Any],
                       missing: list[tuple[str, int]]) -> list[tuple[str, int]]:
-    """Link each missing (role, shard) that another score key of this run already holds for the same tokens,
-    backend and dtype and the same model and base in that role, and return the rest: a role's NLLs depend on
+    """Link each missing (role, shard) that another score key of this run already holds for the same tokens and
+    dtype, and the same model, base and backend in that role, and return the rest: a role's NLLs depend on
     nothing else, so changing one reference re-scores only that one. Only keys whose key.json hashes to their own
-    name count (TOSS-Pro's refined keys copy the first round's key.json, and their θs is another model)."""
-    same = ("tokens_digest", "backend", "dtype")
+    name count, so a key.json edited by hand never lends its scores."""
+    same = ("tokens_digest", "dtype")
     donors = []
     for folder in sorted(run.scores_dir(key).parent.iterdir()):
         if folder.name != key and (folder / "key.json").exists():
@@ -172,6 +177,7 @@ def reuse_role_scores(run: RunDir, key: str, payload: dict[str, Any],
         source = next((run.score_shard(name, role, shard) for name, other in donors
                        if other["models"].get(role) == payload["models"][role]
                        and other["bases"].get(role) == payload["bases"][role]
+                       and role_backend(other, role) == role_backend(payload, role)
                        and run.score_shard(name, role, shard).exists()), None)
         if source is None:
             left.append((role, shard))
