@@ -26,6 +26,8 @@ def test_every_audited_row_is_a_harmful_row_of_its_split():
     train_labels = read(DATA / "audit" / "hh_rejected_train_labels.jsonl")
     assert sorted(row["source"] for row in train_labels) == sorted(s for s in trained if s.startswith("hh-rlhf"))
     assert {row["source"] for row in read(DATA / "audit" / "hh_rejected_not_harmful.jsonl")} < set(heldout)
+    mix = [row["source"] for row in read(DATA / "mix" / "realistic_custom.jsonl") if row["label"] == "harmful"]
+    assert sources(DATA / "audit" / "mix_harmful_labels.jsonl") == mix
 
 
 def test_the_not_harmful_file_is_the_rows_both_passes_call_not_harmful():
