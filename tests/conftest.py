@@ -23,6 +23,11 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+def read_jsonl(*paths: Path) -> list[dict]:
+    """The rows of JSON-lines files, one after the other."""
+    return [json.loads(line) for path in paths for line in path.read_text(encoding="utf-8").splitlines()]
+
+
 def user(content: str) -> dict:
     return {"role": "user", "content": content}
 

@@ -24,7 +24,7 @@ import pytest
 from datasets import load_from_disk
 from trl import SFTConfig, SFTTrainer
 
-from conftest import REPO
+from conftest import REPO, read_jsonl
 from test_cli import invoke
 from test_trainers import IGNORE, assert_masking_survives, reference_model, sequences
 from toss_filter.data.conversation import to_conversation
@@ -46,7 +46,7 @@ def run_filter(tmp: Path, sample: str, models: dict, *options: str) -> dict:
     invoke("filter", SAMPLES[sample], "--template", TEMPLATE, "--safety-model", models["safety"],
            "--utility-model", models["utility"], "--output", out, "--run-dir", run, "--device", "cpu",
            "--ratio", RATIO, "--no-report", "--quiet", *options)
-    records = [json.loads(line) for line in SAMPLES[sample].read_text(encoding="utf-8").splitlines()]
+    records = read_jsonl(SAMPLES[sample])
     dataset, rejected = load_from_disk(str(out)), load_from_disk(str(out) + "-rejected")
     assert len(records) == dataset.num_rows + rejected.num_rows  # rows in = rows out + rejected
     rejected_rows = set(rejected["row"])

@@ -14,7 +14,7 @@ import pytest
 from datasets import load_from_disk
 from typer.testing import CliRunner
 
-from conftest import REPO, write_jsonl
+from conftest import REPO, read_jsonl, write_jsonl
 from toss_filter.cli import app
 from toss_filter.errors import InputError
 from toss_filter.eval_refs import auroc, read_labels, write_plot
@@ -64,7 +64,7 @@ def test_harness_equals_a_direct_computation_from_the_sidecar(evaluated):
     harmful, benign, out = evaluated
     report = json.loads((out / "eval-refs.json").read_text())
 
-    labels = [row["label"] for path in (harmful, benign) for row in map(json.loads, path.read_text().splitlines())]
+    labels = [row["label"] for row in read_jsonl(harmful, benign)]
     sidecar = load_from_disk(str(out / "run" / "token_scores"))
     share, mean = {}, {}
     for row, scores, unsafe in zip(sidecar["row"], sidecar["score"], sidecar["unsafe"]):
@@ -177,11 +177,11 @@ def test_subset_script_equals_a_direct_run(evaluated, tiny_models, tmp_path, cas
     harmful, benign, out = evaluated
     inputs, option = [harmful, benign], {"shorter": ["--max-length", "45"], "other-ratio": ["--ratio", "0.1"]}.get(case, [])
     if case == "exclude":  # two harmful rows and one benign row left out: the budget is over the rest
-        left_out = [json.loads(line) for file in (harmful, benign) for line in file.read_text().splitlines()][1:8:3]
+        left_out = read_jsonl(harmful, benign)[1:8:3]
         excludes = [write_jsonl(tmp_path / f"exclude-{i}.jsonl", [{"source": row["source"]} for row in part])
                     for i, part in enumerate((left_out[:2], left_out[2:]))]  # two files, as the audit has
-        inputs = [write_jsonl(tmp_path / file.name, [row for row in map(json.loads, file.read_text().splitlines())
-                                                      if row not in left_out]) for file in (harmful, benign)]
+        inputs = [write_jsonl(tmp_path / file.name, [row for row in read_jsonl(file) if row not in left_out])
+                  for file in (harmful, benign)]
     script = [sys.executable, str(REPO / "examples" / "eval_refs_subset.py"), str(out), *option,
               *(["--exclude", *map(str, excludes)] if case == "exclude" else [])]
     printed = subprocess.run(script, capture_output=True, text=True, check=True).stdout
