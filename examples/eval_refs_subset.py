@@ -68,7 +68,8 @@ def main() -> None:
             excluded |= listed
         chosen = [i for i in chosen if sources[i] not in excluded]
     if not chosen:
-        parser.error(f"no row of {args.eval_dir} is left with --files {args.files} and --exclude {args.exclude}")
+        parser.error(f"no row of {args.eval_dir} is left with --files {' '.join(args.files or ['(all)'])} and "
+                     f"--exclude {' '.join(map(str, args.exclude)) or '(none)'}")
     ratio = report["config"]["ratio"] if args.ratio is None else args.ratio
     if not 0 <= ratio <= 1:
         parser.error(f"--ratio {ratio} is not between 0 and 1")

@@ -20,9 +20,9 @@ more. Training and scoring on CPU are deterministic, so a resumed run equals an 
 
 Written into the run directory: each refined adapter as `rounds/round-<r>/safety/` (PEFT format), the last
 round's scores as a new score key, shard by shard (θu's files are linked from the first round's key), so `select`
-and `report` work unchanged. Its key.json is the first round's with the refined adapter as the safety model, the
-torch backend for that role (`role_backends`), and the refinement under `refined`, and in run.json a `rounds` list of
-`{"round", "masked_share", "overlap_with_previous", "mean_score_flagged", "mean_score_unflagged",
+and `report` work unchanged; its key.json is the first round's with the refined adapter as the safety model, the
+torch backend for that role (`role_backends`) and the refinement under `refined`. Also written: in run.json a
+`rounds` list of `{"round", "masked_share", "overlap_with_previous", "mean_score_flagged", "mean_score_unflagged",
 "refine_rows", "refine_final_loss"}` that `select` copies into stats.json. Refinement re-scores with the torch
 backend whatever `--backend` scored round 1; both backends agree to float tolerance (docs/vllm.md).
 """
