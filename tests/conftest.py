@@ -4,6 +4,7 @@ LoRA adapters on it. Everything is built locally; nothing touches the network.""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,17 @@ from real_tokenizers import FAMILIES, load_real_tokenizer
 from toss_filter.default_model import embedded_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
+OFFLINE_DATA = REPO.parent / "shared" / "data"
+
+
+def offline_data() -> Path:
+    """The offline data folder beside the clone. CI always has it, so there its absence fails the test; elsewhere
+    (a clone on its own) the test is skipped and the summary says why."""
+    if OFFLINE_DATA.is_dir():
+        return OFFLINE_DATA
+    if os.environ.get("CI"):
+        pytest.fail(f"CI=true but the offline data folder {OFFLINE_DATA} is missing")
+    pytest.skip(f"the offline data folder {OFFLINE_DATA} is not beside this clone")
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -484,7 +484,7 @@ def eval_refs_command(
     base_model: BaseModel = None, ratio: Ratio = 0.2,
     label_column: Annotated[str, typer.Option("--label-column", help="The field naming each row's group.")] = "label",
     positive: Annotated[str, typer.Option("--positive", help="The group the references should flag; every other group is compared with it.")] = "harmful",
-    source_column: Annotated[str, typer.Option("--source-column", help="The field naming each row's source (up to its first / or #), for the per-source table.")] = "source",
+    source_column: Annotated[str, typer.Option("--source-column", help="The field naming each row's source (up to its first / or #), for the per-source table and the in/out-of-source bookkeeping; a `family` field, where a row has one, names its source family instead.")] = "source",
     template: Template = "chat", max_length: MaxLength = None, dtype: Dtype = "auto", device: Device = "auto",
     max_batch_tokens: BatchTokens = None, trust_remote_code: RemoteCode = False,
     allow_pickle_weights: AllowPickle = False,
@@ -505,8 +505,9 @@ def eval_refs_command(
         from rich.console import Console
 
         console = Console(width=None if sys.stdout.isatty() else 160)  # a log gets whole columns, not 80 wide
-        console.print(summary_table(result))
-        console.print(source_table(result))
+        for table in (summary_table(result, out_of_source=True), summary_table(result), source_table(result)):
+            if table is not None:
+                console.print(table)
         typer.echo(f"json:     {output / 'eval-refs.json'}")
     if "plot_skipped" in result:
         typer.echo(f"plot:     skipped: {result['plot_skipped']}", err=True)

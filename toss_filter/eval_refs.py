@@ -12,6 +12,14 @@ masked share and the AUROC of the masked share: a positive source against each o
 against all positive rows, which shows where a pair of references fails. Rows with no scored response token (e.g. cut off by --max-length) are left out of
 the metrics and counted.
 
+Out of source first: a row's source is its family (`data/provenance.py`: its `family` field, else its `source` up
+to the first "/" or "#"). Each reference's training.json records the families it trained on, its init adapter's
+lineage included; a family is out-of-source only when both references record their families and neither holds it
+(an adapter without that record makes every family "unknown", never out-of-source). A group is out-of-source when
+every one of its rows is. `out_of_source` repeats the comparisons over the out-of-source rows alone (harmful rows of
+unseen families against each group's rows of unseen families): the figure that says what masks are worth on a
+user's data.
+
 Written to OUTPUT/: input.jsonl, run/ (the run directory; a re-run resumes from it), filtered/ (the masked
 output), eval-refs.json (settings, groups, comparisons and every row's values), eval-refs.png (the per-row masked
 share and mean score of each group; skipped with a reason when matplotlib is missing).
@@ -20,7 +28,6 @@ share and mean score of each group; skipped with a reason when matplotlib is mis
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +36,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from toss_filter.config import RefineConfig, ScoreConfig, SelectConfig, as_dict
+from toss_filter.data.provenance import UNKNOWN, row_family
 from toss_filter.errors import ConfigError, InputError
 from toss_filter.files import atomic_write_text
 
@@ -96,7 +104,8 @@ class LabelledRow(NamedTuple):
     row: int  # 0-based, counting the file's non-blank lines
     label: str
     line: str
-    source: str = "-"  # the row's source up to its first "/" or "#"
+    source: str = "-"  # the row's source family (data/provenance.row_family), "-" when it names none
+    model: str = "-"  # the model that wrote the response, where the row's `model` field says
 
 
 def read_labels(paths: list[str], label_column: str, source_column: str = "source") -> list[LabelledRow]:
@@ -111,13 +120,14 @@ def read_labels(paths: list[str], label_column: str, source_column: str = "sourc
         for row, line in enumerate(line for line in lines if line.strip()):
             try:
                 record = json.loads(line)
-                label, source = record.get(label_column), record.get(source_column)
+                label = record.get(label_column)
             except (ValueError, AttributeError):
                 raise InputError(path, row, None, "not a JSON object") from None
             if not isinstance(label, str) or not label:
                 raise InputError(path, row, label_column, f"expected a non-empty string label, got {label!r}")
-            source = re.split("[/#]", source, maxsplit=1)[0] if isinstance(source, str) and source else "-"
-            rows.append(LabelledRow(path, row, label, line, source))
+            model = record.get("model")
+            rows.append(LabelledRow(path, row, label, line, row_family(record, source_column=source_column) or "-",
+                                    model if isinstance(model, str) and model else "-"))
     return rows
 
 
@@ -173,10 +183,12 @@ def separation(labels: list[str], metrics: dict[str, np.ndarray], positive: str)
     return {"positive": positive, "groups": groups, "comparisons": comparisons}
 
 
-def by_source(rows: list[LabelledRow], metrics: dict[str, np.ndarray], positive: str) -> list[dict[str, Any]]:
-    """One entry per (label, source), over rows with a scored response token: its rows and mean masked share; for
-    a positive source, the AUROC of the masked share against each other group, for another source the AUROC of
-    all positive rows against it."""
+def by_source(rows: list[LabelledRow], metrics: dict[str, np.ndarray], positive: str,
+              trained: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """One entry per (label, source), over rows with a scored response token: its rows, the models that wrote
+    them, whether the references trained on that source (`in_source`: True, False, or None when unknown) and its
+    mean masked share; for a positive source, the AUROC of the masked share against each other group, for another
+    source the AUROC of all positive rows against it."""
     labels = np.array([row.label for row in rows])
     sources = np.array([row.source for row in rows])
     scored = metrics["response_tokens"][:len(rows)] > 0
@@ -190,9 +202,42 @@ def by_source(rows: list[LabelledRow], metrics: dict[str, np.ndarray], positive:
                       for group in sorted(set(labels.tolist()) - {positive})}
         else:
             versus = {positive: auroc(share[is_positive], share[chosen])}
-        entries.append({"label": label, "source": source, "rows": int(chosen.sum()),
+        models = sorted({row.model for row in rows if (row.label, row.source) == (label, source)} - {"-"})
+        entries.append({"label": label, "source": source, "models": models,
+                        "in_source": in_source(source, trained or {UNKNOWN: 0}), "rows": int(chosen.sum()),
                         "masked_share_mean": _mean(share[chosen]), "auroc_masked_share": versus})
     return entries
+
+
+def in_source(family: str, trained: dict[str, int]) -> bool | None:
+    """Whether references that trained on `trained` (rows per family) saw `family`: None when that cannot be known
+    (a reference without a family record, a row naming no family)."""
+    if family in trained:
+        return True
+    return None if UNKNOWN in trained or family == "-" else False
+
+
+def reference_families(safety_model: str, utility_model: str) -> dict[str, dict[str, int]]:
+    """Per reference role, rows per family over its whole training lineage; {UNKNOWN: 0} for a model that is not an
+    adapter trained by `train-ref` (its data is not known)."""
+    from toss_filter.train import trained_families
+
+    return {"safety": trained_families(Path(safety_model)), "utility": trained_families(Path(utility_model))}
+
+
+def source_standing(rows: list[LabelledRow], trained: dict[str, int]) -> dict[str, Any]:
+    """Per group: "out-of-source" when no row's family was trained on, "in-source" when every row's was, else
+    "mixed" (or "unknown" when the references' data is not known), and the families in each state."""
+    standing = {}
+    for group in sorted({row.label for row in rows}):
+        states = {row.source: in_source(row.source, trained) for row in rows if row.label == group}
+        values = set(states.values())
+        standing[group] = {
+            "standing": ("unknown" if None in values else "out-of-source" if values == {False}
+                         else "in-source" if values == {True} else "mixed"),
+            "in_source": sorted(f for f, v in states.items() if v), "out_of_source": sorted(
+                f for f, v in states.items() if v is False), "unknown": sorted(f for f, v in states.items() if v is None)}
+    return standing
 
 
 def _mean(values: np.ndarray) -> float | None:
@@ -232,12 +277,22 @@ def evaluate_references(config: EvalRefsConfig, show_progress: bool = True,
     metrics = row_metrics(score.run_dir)
     if len(metrics["masked_share"]) != len(rows):
         raise ConfigError(f"{score.run_dir} scored {len(metrics['masked_share'])} rows but the inputs hold {len(rows)}")
+    by_role = reference_families(config.safety_model, config.utility_model)
+    trained = {family: max(counts.get(family, 0) for counts in by_role.values())
+               for family in set().union(*by_role.values())}
+    unseen = np.array([in_source(row.source, trained) is False for row in rows])
+    # Rows of trained or unknown families are put out of the comparison by giving them no scored token.
+    out_of_source = separation([row.label for row in rows], {**metrics, "response_tokens": np.where(
+        unseen, metrics["response_tokens"][:len(rows)], 0)}, config.positive) if unseen.any() else None
     result = {"config": as_dict(config), "refine": as_dict(refine) if refine else None,
               "masked_share": stats["masked_share"],
               "scored_tokens": stats["scored_tokens"], "masked_tokens": stats["masked_tokens"],
+              "trained_families": by_role, "standing": source_standing(rows, trained),
+              "out_of_source": out_of_source,
               **separation([row.label for row in rows], metrics, config.positive),
-              "sources": by_source(rows, metrics, config.positive),
-              "rows": [{"file": row.file, "row": row.row, "label": row.label,
+              "sources": by_source(rows, metrics, config.positive, trained),
+              "rows": [{"file": row.file, "row": row.row, "label": row.label, "source": row.source,
+                        "model": row.model, "in_source": in_source(row.source, trained),
                         "response_tokens": int(metrics["response_tokens"][i]),
                         "masked_share": _finite(metrics["masked_share"][i]),
                         "mean_score": _finite(metrics["mean_score"][i])}
@@ -280,19 +335,25 @@ def write_plot(result: dict[str, Any], path: Path) -> dict[str, str]:
     return {"plot": str(path)}
 
 
-def summary_table(result: dict[str, Any]) -> Any:
-    """A rich Table: one line per group, with its comparison against the positive group."""
+def summary_table(result: dict[str, Any], out_of_source: bool = False) -> Any:
+    """A rich Table: one line per group, with its comparison against the positive group; over the out-of-source rows
+    alone with `out_of_source` (None when there are none)."""
     from rich.table import Table
 
-    table = Table(title=f"{result['positive']} against each group, ratio {result['config']['ratio']}")
-    for name in ("group", "rows", "masked share (mean per row)", "mean score", "rows losing > half",
+    block = result.get("out_of_source") if out_of_source else result
+    if block is None:
+        return None
+    where = "OUT OF SOURCE (families no reference trained on)" if out_of_source else "all rows (in-source included)"
+    table = Table(title=f"{where}: {result['positive']} against each group, ratio {result['config']['ratio']}")
+    for name in ("group", "standing", "rows", "masked share (mean per row)", "mean score", "rows losing > half",
                  "AUROC masked share", "AUROC mean score"):
-        table.add_column(name, justify="left" if name == "group" else "right", no_wrap=name == "group")
-    comparisons = result["comparisons"]
-    for group in [*result["groups"], *(["rest"] if len(comparisons) > 2 else [])]:  # rest = the one other group
-        stats = result["groups"].get(group) or comparisons[group]
+        table.add_column(name, justify="left" if name in ("group", "standing") else "right", no_wrap=name == "group")
+    comparisons = block["comparisons"]
+    for group in [*block["groups"], *(["rest"] if len(comparisons) > 2 else [])]:  # rest = the one other group
+        stats = block["groups"].get(group) or comparisons[group]
         versus = comparisons.get(group, {})
-        table.add_row(group, str(stats["rows"]), _percent(stats["masked_share_mean"]),
+        standing = result.get("standing", {}).get(group, {}).get("standing", "")
+        table.add_row(group, standing, str(stats["rows"]), _percent(stats["masked_share_mean"]),
                       _number(stats["mean_score_mean"]), _percent(stats["share_losing_over_half"]),
                       _number(versus.get("auroc_masked_share")), _number(versus.get("auroc_mean_score")))
     return table
@@ -304,15 +365,17 @@ def source_table(result: dict[str, Any]) -> Any:
 
     groups = [group for group in result["groups"] if group != result["positive"]]
     table = Table(title=f"per source: AUROC of the masked share, {result['positive']} rows against each group")
-    for name in ("group", "source", "rows", "masked share", *groups):
-        table.add_column(name, justify="left" if name in ("group", "source") else "right", no_wrap=True)
+    for name in ("group", "source", "trained on", "rows", "masked share", *groups):
+        table.add_column(name, justify="left" if name in ("group", "source", "trained on") else "right", no_wrap=True)
     for entry in result["sources"]:
         versus = entry["auroc_masked_share"]
         if entry["label"] == result["positive"]:
             cells = [_number(versus[group]) for group in groups]
         else:  # the positive rows against this source, in its own group's column
             cells = [_number(versus[result["positive"]]) if group == entry["label"] else "" for group in groups]
-        table.add_row(entry["label"], entry["source"], str(entry["rows"]), _percent(entry["masked_share_mean"]), *cells)
+        trained = {True: "in-source", False: "OUT", None: "unknown"}[entry.get("in_source")]
+        table.add_row(entry["label"], entry["source"], trained, str(entry["rows"]), _percent(entry["masked_share_mean"]),
+                      *cells)
     return table
 
 

@@ -28,6 +28,7 @@ import itertools
 import json
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from toss_filter.data.load import load_conversations
+from toss_filter.data.provenance import UNKNOWN, data_families
 from toss_filter.data.tokenize import IGNORE_INDEX, ConversationTokenizer, resolve_format, tokenize_rows
 from toss_filter.default_model import resolve_model_path
 from toss_filter.errors import ConfigError
@@ -192,7 +194,9 @@ def train_reference(config: TrainRefConfig, show_progress: bool = False) -> dict
 
     label_counts = np.array([sum(label != IGNORE_INDEX for label in row) for row in rows["labels"]])
     record = {
-        "data": config.data, "data_sha256": tokens_digest(tokens), "rows_in": tokens.num_rows, "rows_trained": len(rows),
+        "data": config.data, "data_sha256": tokens_digest(tokens),
+        "families": data_families(_sources(config), config.split, config.max_rows),
+        "init_adapter_families": _init_adapter_families(config), "rows_in": tokens.num_rows, "rows_trained": len(rows),
         "rows_without_response_token": tokens.num_rows - len(rows),
         "rows_truncated": int(sum(tokens.column("truncated").to_pylist())),
         "response_tokens": int(label_counts.sum()), "optimizer_steps": len(losses),
@@ -204,6 +208,28 @@ def train_reference(config: TrainRefConfig, show_progress: bool = False) -> dict
     }
     save_adapter(model, Path(config.output), {"training.json": json.dumps(record, indent=2) + "\n"})
     return record
+
+
+def _init_adapter_families(config: TrainRefConfig) -> dict[str, int] | None:
+    """Every family the init adapter's own lineage trained on, from its training.json; None without an init adapter,
+    and {UNKNOWN: 0} when that lineage is not recorded (an adapter trained elsewhere)."""
+    if config.init_adapter is None:
+        return None
+    return trained_families(Path(config.init_adapter))
+
+
+def trained_families(adapter: Path) -> dict[str, int]:
+    """Rows per family that went into an adapter, its init adapter's lineage included; {UNKNOWN: 0} for an adapter
+    without a training.json that records them."""
+    try:
+        record = json.loads((adapter / "training.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {UNKNOWN: 0}
+    if "families" not in record:
+        return {UNKNOWN: 0}
+    counts = Counter(record["families"])
+    counts.update(record.get("init_adapter_families") or {})
+    return dict(sorted(counts.items()))
 
 
 def _check_init_adapter(config: TrainRefConfig) -> None:

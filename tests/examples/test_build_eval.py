@@ -7,17 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from conftest import REPO
+from conftest import REPO, offline_data
 
 DATA = REPO / "examples" / "data"
-SHARED = REPO.parent / "shared" / "data"
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason=f"the offline data folder {SHARED} is not on this machine")
 def test_build_eval_rebuilds_every_bundled_file_byte_for_byte(tmp_path: Path):
-    subprocess.run([sys.executable, str(DATA / "build_eval.py"), "--shared", str(SHARED), "--out", str(tmp_path)],
+    shared = offline_data()
+    subprocess.run([sys.executable, str(DATA / "build_eval.py"), "--shared", str(shared), "--out", str(tmp_path)],
                    check=True, capture_output=True)
     built = sorted(path.relative_to(tmp_path) for path in tmp_path.glob("*/*.jsonl"))
     bundled = sorted(path.relative_to(DATA) for folder in ("eval", "refs", "mix") for path in (DATA / folder).glob("*.jsonl"))
