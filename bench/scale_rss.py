@@ -268,7 +268,8 @@ def synthetic_run(n: int, shard_rows: int, work: Path) -> tuple[Path, dict[str, 
     """A complete synthetic scored run directory of about `n` tokens under `work` (reused when complete, resumed
     shard by shard when partial); returns (run dir, what was generated)."""
     from toss_filter.plan import ShardPlan, write_table
-    from toss_filter.run import RunDir, content_key, tokens_digest
+    from toss_filter.run import RunDir
+    from toss_filter.fingerprint import content_key, tokens_digest
 
     root = work / f"data-{label(n)}-r{shard_rows}"
     run = RunDir(root / "run")

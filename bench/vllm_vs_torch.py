@@ -70,7 +70,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     import numpy as np
 
-    from toss_filter.run import RunDir, list_column
+    from toss_filter.run import RunDir, ShardFiles
 
     work = Path(tempfile.mkdtemp(prefix="toss-vllm-bench-"))
     data = work / "data.jsonl"
@@ -105,8 +105,9 @@ def main() -> None:
     for backend in ("torch", "vllm"):
         run_dir = RunDir(work / backend)
         state = run_dir.read_json("run.json")
-        table = run_dir.read_scores(state["score_key"], state["shards"])
-        scores[backend] = np.concatenate([list_column(table, f"nll_{role}")[0] for role in ROLES])
+        files = ShardFiles(str(run_dir.path), state["tokens_key"], state["score_key"])
+        shards = [files.scored(shard) for shard in range(state["shards"])]
+        scores[backend] = np.concatenate([s.nll_safety for s in shards] + [s.nll_utility for s in shards])
         subprocess.run([str(programs["torch"]), "select", "--run-dir", str(work / backend),
                         "--output", str(work / f"{backend}-out"), "--ratio", "0.2", "--quiet"], check=True)
         masked[backend] = set(np.flatnonzero(unsafe_flags(work / backend / "token_scores")))

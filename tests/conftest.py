@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -38,6 +39,19 @@ def write_jsonl(path: Path, rows: list) -> Path:
 def read_jsonl(*paths: Path) -> list[dict]:
     """The rows of JSON-lines files, one after the other."""
     return [json.loads(line) for path in paths for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def run_nll(run_dir: Path, score_key: str | None = None) -> dict[str, np.ndarray]:
+    """Every shard's per-token NLL of a run under each reference role, concatenated in shard order (the score key
+    of run.json unless another is named)."""
+    from toss_filter.run import RunDir, ShardFiles
+
+    run = RunDir(run_dir)
+    state = run.read_json("run.json")
+    files = ShardFiles(str(run.path), state["tokens_key"], score_key or state["score_key"])
+    shards = [files.scored(shard) for shard in range(state["shards"])]
+    return {"safety": np.concatenate([s.nll_safety for s in shards]),
+            "utility": np.concatenate([s.nll_utility for s in shards])}
 
 
 def user(content: str) -> dict:

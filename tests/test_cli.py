@@ -32,6 +32,7 @@ def filter_args(data: Path, models: dict, output: Path) -> list[str]:
             "--output", output, "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_filter_writes_the_report_into_the_run_dir_and_prints_its_path(tmp_path, data, tiny_models):
     stdout = invoke(*filter_args(data, tiny_models, tmp_path / "out"))
     report = tmp_path / "out-run" / "report.html"
@@ -47,6 +48,7 @@ def test_no_report_skips_it(tmp_path, data, tiny_models):
     assert (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_config_file_gives_defaults_and_the_command_line_wins(tmp_path, data, tiny_models):
     config = tmp_path / "toss.yaml"
     config.write_text(
@@ -70,6 +72,7 @@ def test_config_file_with_an_unknown_option_is_refused(tmp_path, data):
     assert result.exit_code == 2 and "unknown option 'ratoi'" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["sample", "first-k", "random"])
 def test_baseline_strategies_mask_the_same_budget_as_toss(tmp_path, data, tiny_models, strategy):
     invoke(*filter_args(data, tiny_models, tmp_path / "toss"), "--quiet", "--no-report", "--keep-empty")
@@ -91,6 +94,7 @@ def test_strategy_refuses_scope_and_threshold_options(tmp_path, data, tiny_model
     assert result.exit_code == 2 and "--strategy toss only" in result.stderr
 
 
+@pytest.mark.slow
 def test_train_ref_command_writes_an_adapter_with_training_record(tmp_path, data, tiny_models):
     result = CliRunner().invoke(app, [str(a) for a in (
         "train-ref", data, "--base-model", tiny_models["base"], "--output", tmp_path / "adapter",
@@ -212,12 +216,13 @@ LOG_LINE = (r"toss-filter: (tokenize|score): [\d,]+/[\d,]+ (rows|shard-roles)(, 
             r"(, (eta|done in) \d+:\d\d:\d\d)?")
 
 
+@pytest.mark.slow
 def test_log_lines_when_stderr_is_not_a_terminal(tmp_path, data, tiny_models, monkeypatch):
     """Under a scheduler (stderr a file): plain lines every --log-every seconds; none in a run shorter than the
     default interval, none with --quiet or --log-every 0."""
     import re
 
-    from toss_filter.steps import progress
+    from toss_filter import progress
 
     monkeypatch.setattr(progress, "LOG_EVERY", progress.LOG_EVERY)  # restored: the CLI sets it for the process
     result = CliRunner().invoke(app, [str(a) for a in filter_args(data, tiny_models, tmp_path / "a")]
@@ -238,7 +243,7 @@ def test_log_lines_when_stderr_is_not_a_terminal(tmp_path, data, tiny_models, mo
 
 
 def test_progress_line_format_rate_eta_and_what_silences_it(monkeypatch, capsys):
-    from toss_filter.steps import progress
+    from toss_filter import progress
 
     now = [100.0]
     monkeypatch.setattr(progress, "_clock", lambda: now[0])
@@ -267,6 +272,7 @@ def test_progress_line_format_rate_eta_and_what_silences_it(monkeypatch, capsys)
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow
 def test_limit_reads_tokenizes_and_scores_only_the_first_rows(tmp_path, data, tiny_models):
     from toss_filter.config import ScoreConfig
     from toss_filter.steps.tokenize import rows_to_read
@@ -290,6 +296,7 @@ def _makefile_recipe() -> list[str]:
     return line.split("?=", 1)[1].split()
 
 
+@pytest.mark.slow
 def test_the_make_references_recipe_builds_a_pair_that_filter_uses(tmp_path, data, tiny_models):
     recipe = _makefile_recipe()
     assert "--init-adapter" not in recipe and "--learning-rate" in recipe

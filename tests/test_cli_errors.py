@@ -205,9 +205,39 @@ def test_tokenizers_that_differ(tmp_path, tiny_models):
     assert "bos_token" not in line and "chat_template" not in line
 
 
+@pytest.mark.parametrize(("role", "text", "problem"), [
+    ("safety", '{"r": 8,,}', "is not valid JSON: Expecting property name"),
+    ("utility", "", "is not valid JSON: Expecting value"),
+    ("safety", '["q_proj"]', "is not a JSON object"),
+])
+def test_a_broken_adapter_config_is_one_line_naming_the_file(tmp_path, tiny_models, role, text, problem):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_models[role], broken)
+    (broken / "adapter_config.json").write_text(text, encoding="utf-8")
+    data = write_jsonl(tmp_path / "data.jsonl", GOOD_ROWS)
+    line = assert_clean_failure(tmp_path, *run_filter(tmp_path, data, models={**tiny_models, role: broken}),
+                                problem)
+    assert line.startswith(f"{ERROR_PREFIX}--{role}-model: {broken / 'adapter_config.json'} {problem}")
+
+
+def test_a_broken_init_adapter_config_is_one_line_naming_the_file(tmp_path, tiny_models):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_models["utility"], broken)
+    (broken / "adapter_config.json").write_text('{"r": 8,,}', encoding="utf-8")
+    data = write_jsonl(tmp_path / "data.jsonl", GOOD_ROWS)
+    result = CliRunner().invoke(app, ["train-ref", str(data), "--base-model", str(tiny_models["base"]),
+                                      "--init-adapter", str(broken), "--output", str(tmp_path / "ref"), "--quiet"])
+    assert result.exit_code == 2 and result.stdout == "" and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip() == (f"{ERROR_PREFIX}--init-adapter: {broken / 'adapter_config.json'} is not valid "
+                                     "JSON: Expecting property name enclosed in double quotes: line 1 column 9 (char 8)")
+    assert not (tmp_path / "ref").exists()
+
+
 # ------------------------------------------------------------------------------------------- the real console
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_console_script_exit_code_and_stderr(tmp_path, tiny_models):
     """The installed entry point (not CliRunner): exit status 2, the error alone on stderr, nothing on stdout."""
     script = Path(sys.executable).with_name("toss-filter")
@@ -285,6 +315,7 @@ def test_pickle_weights_load_only_when_the_user_opts_in(pickle_models):
         ReferenceModels(unchecked, unchecked, torch.float32, "cpu").load()
 
 
+@pytest.mark.slow
 def test_allow_pickle_weights_is_an_option_of_filter_and_score(tmp_path, pickle_models):
     data = write_jsonl(tmp_path / "data.jsonl", GOOD_ROWS)
     code, stdout, stderr = run_filter(tmp_path, data, "--allow-pickle-weights", "--no-report", "--quiet",

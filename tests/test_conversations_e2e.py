@@ -29,6 +29,8 @@ from test_cli import invoke
 from test_trainers import IGNORE, assert_masking_survives, reference_model, sequences
 from toss_filter.data.conversation import to_conversation
 
+pytestmark = pytest.mark.slow  # every test reads the module's three filter runs (about 50 s on 2 busy cores)
+
 TEMPLATE = REPO / "examples" / "templates" / "qwen3.jinja"
 SAMPLES = {name: REPO / "examples" / "data" / f"{name}_sample.jsonl" for name in ("agentic", "reasoning")}
 RATIO = 0.3

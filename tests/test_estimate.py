@@ -48,6 +48,7 @@ def test_counts_context_and_weights_at_a_given_rate(data, tiny_models, tokenizer
     assert result["activation_bytes"] > 0
 
 
+@pytest.mark.slow
 def test_reasoning_left_unscored_is_counted_apart(tmp_path, tiny_models):
     data = write_jsonl(tmp_path / "think.jsonl", [chat("Hi?", "<think>Let me think it over.</think>Hello.")])
     scored = estimate_run(config(data, tiny_models), rate=1000.0, show_progress=False)
@@ -61,6 +62,7 @@ def test_limit_counts_only_the_first_rows(data, tiny_models):
     assert result["rows"] == 3
 
 
+@pytest.mark.slow
 def test_measured_rate_comes_from_real_forward_passes(data, tiny_models):
     result = estimate_run(config(data, tiny_models), show_progress=False)
     assert result["rate"] > 0 and result["load_s"] > 0

@@ -112,6 +112,7 @@ def test_per_source_lines_equal_a_direct_computation(evaluated):
         pairwise_auroc(shares("harmful"), shares("benign_general", "benign_general-1")))
 
 
+@pytest.mark.subprocess
 def test_the_example_script_prints_the_harness_numbers(evaluated):
     harmful, benign, out = evaluated
     report = json.loads((out / "eval-refs.json").read_text())
@@ -158,6 +159,7 @@ def test_a_row_the_pipeline_refuses_is_named_in_its_own_file(tmp_path, tiny_mode
     assert result.stderr.startswith(f"toss-filter: error: {second}: row 1: field 'completion': ")
 
 
+@pytest.mark.slow
 def test_rounds_measure_the_final_round_of_toss_pro(tmp_path, tiny_models):
     data = write_jsonl(tmp_path / "rows.jsonl", rows("harmful", 4, "do the bad thing") + rows("benign_math", 4, "two plus two"))
     result = CliRunner().invoke(app, ["eval-refs", str(data), "--safety-model", str(tiny_models["safety"]),
@@ -172,6 +174,8 @@ def test_rounds_measure_the_final_round_of_toss_pro(tmp_path, tiny_models):
     assert sum(sum(unsafe) for unsafe in sidecar["unsafe"]) == report["masked_tokens"] == stats["masked_tokens"]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("case", ["shorter", "other-ratio", "exclude"])
 def test_subset_script_equals_a_direct_run(evaluated, tiny_models, tmp_path, case):
     harmful, benign, out = evaluated

@@ -16,7 +16,8 @@ from conftest import write_jsonl
 from toss_filter.cli import app
 from toss_filter.data.provenance import UNKNOWN, data_families, row_family
 from toss_filter.eval_refs import LabelledRow, in_source, source_standing
-from toss_filter.train import TrainRefConfig, train_reference, trained_families
+from toss_filter.config import TrainRefConfig
+from toss_filter.train import train_reference, trained_families
 
 
 def rows(label: str, family: str, count: int, words: str) -> list[dict]:
@@ -53,6 +54,7 @@ def test_train_ref_records_its_families_and_its_init_adapters(lineage):
     assert trained_families(lineage["safety"]) == {"gpteacher": 4, "gptfuzz": 4}
 
 
+@pytest.mark.slow
 def test_eval_refs_reports_each_group_in_or_out_of_source(lineage):
     root = lineage["root"]
     harmful = write_jsonl(root / "eval-harmful.jsonl", rows("harmful", "gptfuzz", 3, "do the bad thing")
@@ -84,6 +86,7 @@ def test_eval_refs_reports_each_group_in_or_out_of_source(lineage):
     assert block["comparisons"]["benign_general"]["auroc_masked_share"] == pytest.approx(auroc(positive, negative))
 
 
+@pytest.mark.slow
 def test_references_without_a_record_make_every_family_unknown(tmp_path, tiny_models):
     data = write_jsonl(tmp_path / "eval.jsonl", rows("harmful", "jailbreakbench", 3, "do it")
                        + rows("benign_general", "dolly", 3, "the capital"))

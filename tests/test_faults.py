@@ -208,6 +208,8 @@ def assert_reference(paths: Paths, reference: dict, when: str) -> list[str]:
     return paths.temporary_files()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_sigkill_at_random_moments_resumes_byte_identical(tmp_path, data, tiny_models, reference):
     """KILLS SIGKILLs, KILLS_PER_RUN_DIR in a row on each run directory, aimed across the phases; each run
     directory is then finished by the same command and compared byte for byte with the uninterrupted run."""
@@ -287,6 +289,8 @@ def started_run(paths: Paths, data: Path, models: dict[str, Path]) -> tuple[subp
     return process, sorted(paths.run_dir.glob("scores/*/*/shard-*.arrow"))
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_sigterm_and_sigint_exit_130_and_keep_the_completed_shards(tmp_path, data, tiny_models, reference, signum):
     """A scheduler's stop (SIGTERM) or Ctrl-C (SIGINT) mid-scoring: exit 130, one line on stderr, the finished
@@ -305,3 +309,63 @@ def test_sigterm_and_sigint_exit_130_and_keep_the_completed_shards(tmp_path, dat
                           timeout=TIMEOUT_S)
     assert done.returncode == 0 and done.stderr == "", done.stderr  # no stale lock to take over
     assert_reference(paths, reference, "after the re-run")
+
+
+COMMIT_STEPS = ("begin", "old stats removed", "rejected", "sidecar", "output", "staging removed", "stats written",
+                "end")
+KILL_AT_COMMIT_STEP = """
+import os, signal, sys
+import toss_filter.run
+from toss_filter import SelectConfig, select_dataset
+
+def kill(step):
+    if step == sys.argv[3]:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+toss_filter.run._after_commit_step = kill
+select_dataset(SelectConfig(sys.argv[1], sys.argv[2], ratio=0.9), show_progress=False)
+"""
+
+
+def output_set(run_dir: Path, out: Path) -> dict:
+    """What a user sees of an output set: the rows of OUTPUT and OUTPUT-rejected, and stats.json."""
+    from datasets import load_from_disk
+
+    from toss_filter.run import RunDir
+
+    stats = RunDir(run_dir).read_json("stats.json") if (run_dir / "stats.json").exists() else None
+    return {"rows_out": load_from_disk(str(out)).num_rows, "rejected": load_from_disk(str(rejected_path(out))).num_rows,
+            "stats": stats}
+
+
+@pytest.mark.parametrize("step", COMMIT_STEPS)
+def test_a_select_killed_at_any_commit_step_never_leaves_a_finished_looking_mixed_set(tmp_path, data, tiny_models,
+                                                                                       step):
+    """`filter --ratio 0.2` finished, then `select --ratio 0.9` SIGKILLed after each step of putting its set in place:
+    either the set is the old run's or the new run's whole, or it does not look finished; the same command then
+    completes it."""
+    from toss_filter.errors import ConfigError
+    from toss_filter.run import RunDir, check_output_set
+
+    paths = Paths(tmp_path)
+    filter_dataset(ScoreConfig(str(data), str(tiny_models["safety"]), str(tiny_models["utility"]), str(paths.run_dir),
+                               shard_rows=4, device="cpu"), SelectConfig(str(paths.run_dir), str(paths.out)),
+                   show_progress=False)
+    old = output_set(paths.run_dir, paths.out)
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_COMMIT_STEP, str(paths.run_dir), str(paths.out), step],
+                            env=ENV, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run = RunDir(paths.run_dir)
+    if step == "end":
+        stats = check_output_set(run)
+        assert stats["selection"]["ratio"] == 0.9
+    else:
+        with pytest.raises(ConfigError, match="interrupted while putting its output in place"):
+            check_output_set(run)
+    subprocess.run([sys.executable, "-c", KILL_AT_COMMIT_STEP, str(paths.run_dir), str(paths.out), "never"],
+                   env=ENV, check=True, capture_output=True, timeout=TIMEOUT_S)
+    new = output_set(paths.run_dir, paths.out)
+    stats = check_output_set(run)
+    assert stats["selection"]["ratio"] == 0.9 and stats["commit"]
+    assert (new["rows_out"], new["rejected"]) == (stats["rows_out"], stats["rows_rejected"])
+    assert new["rows_out"] < old["rows_out"] == old["stats"]["rows_out"]

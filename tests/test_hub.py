@@ -32,7 +32,8 @@ from toss_filter import hub as toss_hub
 from toss_filter.data.write import ShardedDataset
 from toss_filter.errors import ConfigError, TossError
 from toss_filter.hub import BUCKETS, dataset_card, push_output
-from toss_filter.run import RunDir, list_column
+from toss_filter.run import RunDir
+from toss_filter.arrow import list_column
 
 TOKEN = "hf_TESTtoken0123456789abcdefSECRET"
 LONG = " ".join(f"Step {i}: keep going with the explanation." for i in range(12))  # > 32 response tokens

@@ -92,6 +92,7 @@ def test_a_live_holder_is_refused(tmp_path):
     assert json.loads((tmp_path / "run" / ".lock").read_text())["pid"] == os.getppid()  # left alone
 
 
+@pytest.mark.subprocess
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
     fake_holder(tmp_path / "run" / ".lock", pid=dead_pid())
     with caplog.at_level(logging.WARNING, logger="toss_filter.lock"):
@@ -108,6 +109,7 @@ def test_a_reused_pid_is_stale(tmp_path):
         assert json.loads((tmp_path / "run" / ".lock").read_text())["pid"] == os.getpid()
 
 
+@pytest.mark.subprocess
 def test_a_lock_of_another_host_is_refused_with_how_to_remove_it(tmp_path):
     lock = tmp_path / "run" / ".lock"
     fake_holder(lock, pid=dead_pid(), host="elsewhere.example")  # its pid means nothing here: never taken over
@@ -133,6 +135,7 @@ def test_slices_share_the_run_directory_and_exclude_the_exclusive_lock(tmp_path)
     assert sorted(os.listdir(run_dir)) == [".lock"]
 
 
+@pytest.mark.subprocess
 def test_a_stale_slice_lock_does_not_block_select(tmp_path):
     fake_holder(tmp_path / "run" / ".lock-slice-3-of-4", pid=dead_pid())
     with run_dir_lock(tmp_path / "run"):
@@ -157,6 +160,8 @@ def test_an_unreadable_lock_is_refused_not_removed(tmp_path):
 # --------------------------------------------------------------------------------------------- two processes
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_second_process_on_the_run_directory_is_refused_at_once(tmp_path):
     run_dir = tmp_path / "run"
     data = write_jsonl(tmp_path / "data.jsonl", [chat("Hi", "Hello.")])
@@ -173,6 +178,8 @@ def test_a_second_process_on_the_run_directory_is_refused_at_once(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.lock").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_second_process_on_the_output_is_refused_even_with_another_run_directory(tmp_path):
     output = tmp_path / "out"
     with output_lock(output):
@@ -181,6 +188,8 @@ def test_a_second_process_on_the_output_is_refused_even_with_another_run_directo
     assert not (tmp_path / "other-run").exists()  # its lock was released, the directory made for it removed
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_stale_lock_is_taken_over_by_the_next_process(tmp_path):
     run_dir = tmp_path / "run"
     fake_holder(run_dir / ".lock", pid=dead_pid())
@@ -191,6 +200,8 @@ def test_a_stale_lock_is_taken_over_by_the_next_process(tmp_path):
     assert os.listdir(run_dir) == []
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_slices_run_side_by_side_and_select_waits_for_them(tmp_path):
     run_dir = tmp_path / "run"
     data = write_jsonl(tmp_path / "data.jsonl", [chat("Hi", "Hello.")])

@@ -274,6 +274,7 @@ def test_write_error_is_one_line_an_oserror_and_pickles():
     assert str(pickle.loads(pickle.dumps(error))) == str(error)  # raised in worker processes too
 
 
+@pytest.mark.subprocess
 def test_real_full_disk_while_writing_a_shard(tmp_path, tmpfs):
     disk = tmpfs("full", "64k")  # REAL: a 64 kB filesystem, the table is ~1 MB
     with pytest.raises(WriteError) as failed:
@@ -285,6 +286,7 @@ def test_real_full_disk_while_writing_a_shard(tmp_path, tmpfs):
     assert os.listdir(disk) == []  # no temporary file, no staging directory, no output
 
 
+@pytest.mark.subprocess
 def test_real_full_disk_during_a_single_file_export(tmp_path, tmpfs, monkeypatch):
     disk = tmpfs("full", "64k")  # REAL ENOSPC from the write itself: only the free-space pre-check is bypassed
     data = ShardedDataset(tmp_path / "staging", 1, table_of(1000).schema)
@@ -297,6 +299,7 @@ def test_real_full_disk_during_a_single_file_export(tmp_path, tmpfs, monkeypatch
     assert data.missing() == []  # the staged shards stay for a re-run
 
 
+@pytest.mark.subprocess
 def test_a_single_file_export_is_refused_early_without_room(tmp_path, tmpfs):
     disk = tmpfs("small", "64k")  # REAL free space of a real filesystem
     data = ShardedDataset(tmp_path / "staging", 1, table_of(1000).schema)
@@ -309,6 +312,7 @@ def test_a_single_file_export_is_refused_early_without_room(tmp_path, tmpfs):
     assert os.listdir(disk) == [] and data.missing() == []
 
 
+@pytest.mark.subprocess
 def test_an_arrow_output_across_filesystems_is_refused_early_without_room(tmp_path, tmpfs):
     disk = tmpfs("small", "64k")  # REAL: staging on tmp_path's disk, the target on a tmpfs: a real EXDEV
     data = ShardedDataset(tmp_path / "staging", 1, table_of(1000).schema)
@@ -320,6 +324,7 @@ def test_an_arrow_output_across_filesystems_is_refused_early_without_room(tmp_pa
     assert datasets.load_from_disk(str(data.finish(roomy / "out"))).num_rows == 1000  # copied, then renamed
 
 
+@pytest.mark.subprocess
 def test_real_read_only_filesystem(tmp_path, tmpfs):
     disk = tmpfs("ro", "1m", readonly=True)  # REAL: a tmpfs mounted read-only (EROFS, even for root)
     for format in ("arrow", "parquet"):
@@ -328,6 +333,7 @@ def test_real_read_only_filesystem(tmp_path, tmpfs):
         assert str(failed.value) == f"cannot write {disk / 'out'}: Read-only file system"
 
 
+@pytest.mark.subprocess
 def test_filter_onto_a_read_only_filesystem_is_one_line(tmp_path, tmpfs):
     disk = tmpfs("ro", "1m", readonly=True)  # REAL
     data = write_jsonl(tmp_path / "data.jsonl", ROWS)

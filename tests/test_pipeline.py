@@ -32,6 +32,7 @@ def configs(tmp_path, data, tiny_models, **select_options):
     return score_config, SelectConfig(run_dir, str(tmp_path / "out"), **select_options)
 
 
+@pytest.mark.slow
 def test_output_is_a_three_column_dataset_with_masked_labels(tmp_path, data, tiny_models):
     stats = filter_dataset(*configs(tmp_path, data, tiny_models, ratio=0.2), show_progress=False)
     out = load_from_disk(str(tmp_path / "out"))
@@ -50,6 +51,7 @@ def test_output_is_a_three_column_dataset_with_masked_labels(tmp_path, data, tin
     assert stats["rows_in"] == len(ROWS) and stats["rows_rejected"] == 0
 
 
+@pytest.mark.slow
 def test_resume_after_an_interrupted_scoring_run_gives_an_identical_output(tmp_path, data, tiny_models, monkeypatch):
     clean_dir = tmp_path / "clean"
     clean_dir.mkdir()
@@ -83,6 +85,7 @@ def test_resume_after_an_interrupted_scoring_run_gives_an_identical_output(tmp_p
     np.testing.assert_array_equal(*scores)
 
 
+@pytest.mark.slow
 def test_select_reruns_with_another_ratio_without_rescoring(tmp_path, data, tiny_models):
     score_config, select_config = configs(tmp_path, data, tiny_models, ratio=0.1)
     filter_dataset(score_config, select_config, show_progress=False)
@@ -95,6 +98,7 @@ def test_select_reruns_with_another_ratio_without_rescoring(tmp_path, data, tiny
     assert summary["resumed_shards"] == summary["shards"]
 
 
+@pytest.mark.slow
 def test_rows_without_a_trainable_token_go_to_rejected_unless_keep_empty(tmp_path, data, tiny_models):
     stats = filter_dataset(*configs(tmp_path, data, tiny_models, ratio=1.0), show_progress=False)
     assert stats["rows_out"] == 0 and stats["rows_rejected"] == len(ROWS)
@@ -106,6 +110,7 @@ def test_rows_without_a_trainable_token_go_to_rejected_unless_keep_empty(tmp_pat
     assert kept["rows_out"] == len(ROWS) and len(load_from_disk(str(tmp_path / "kept-rejected"))) == 0
 
 
+@pytest.mark.slow
 def test_truncation_is_counted_and_fully_truncated_rows_are_rejected(tmp_path, data, tiny_models):
     score_config, select_config = configs(tmp_path, data, tiny_models)
     score_config.max_length = 40  # the default system prompt alone is ~20 tokens
@@ -135,6 +140,7 @@ def test_stats_sidecar_and_config_are_written(tmp_path, data, tiny_models):
         assert np.isnan(np.array(scores, dtype=float)[~response]).all()
 
 
+@pytest.mark.slow
 def test_outputs_get_ordinary_permissions_not_private_temp_ones(tmp_path, data, tiny_models):
     filter_dataset(*configs(tmp_path, data, tiny_models), show_progress=False)
     for path in (tmp_path / "out", tmp_path / "out-rejected", tmp_path / "run" / "stats.json",

@@ -11,11 +11,14 @@ from datasets import load_from_disk
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import chat, write_jsonl
+from conftest import chat, run_nll, write_jsonl
 from toss_filter import RefineConfig, ScoreConfig, SelectConfig, filter_dataset, score_dataset
 from toss_filter.errors import ConfigError
 from toss_filter.refine import round_stats
-from toss_filter.run import RunDir, content_key, list_column, model_fingerprint
+from toss_filter.plan import read_table
+from toss_filter.run import RunDir
+from toss_filter.fingerprint import content_key, model_fingerprint
+from toss_filter.arrow import list_column
 from toss_filter.score.torch_backend import TorchScorer
 
 ROWS = [chat(f"Question {i}?", f"Answer {i}: here is a response with several tokens to flag.") for i in range(8)]
@@ -30,6 +33,7 @@ def run_rounds(tmp_path, tiny_models, rounds: int, safety: str | None = None) ->
     return filter_dataset(score_config, select_config, show_progress=False, refine=refine)
 
 
+@pytest.mark.slow
 def test_three_rounds_refine_safety_keep_utility_and_record_each_round(tmp_path, tiny_models):
     stats = run_rounds(tmp_path, tiny_models, rounds=3)
     run = RunDir(tmp_path / "run")
@@ -43,11 +47,10 @@ def test_three_rounds_refine_safety_keep_utility_and_record_each_round(tmp_path,
         assert 0.0 <= entry["overlap_with_previous"] <= 1.0
     assert stats["rounds"][0]["refine_rows"] > 0 and stats["rounds"][0]["refine_final_loss"] is not None
 
-    first = run.read_scores(state["first_round_score_key"], state["shards"])
-    final = run.read_scores(state["score_key"], state["shards"])
+    first = run_nll(run.path, state["first_round_score_key"])
+    final = run_nll(run.path)
     for role, should_change in (("utility", False), ("safety", True)):
-        before, _ = list_column(first, f"nll_{role}")
-        after, _ = list_column(final, f"nll_{role}")
+        before, after = first[role], final[role]
         changed = np.nanmax(np.abs(before - after)) > 1e-4
         assert changed == should_change, role
 
@@ -58,12 +61,13 @@ def test_three_rounds_refine_safety_keep_utility_and_record_each_round(tmp_path,
     refined = PeftModel.from_pretrained(base, adapter).eval()
     ids, offsets = list_column(run.read_tokens(), "input_ids")
     labels, _ = list_column(run.read_tokens(), "labels")
-    final_safety, _ = list_column(final, "nll_safety")
+    final_safety = final["safety"]
     row = slice(offsets[0], offsets[1])
     direct = TorchScorer().model_nll(refined.get_base_model(), [(ids[row], labels[row])])[0]
     np.testing.assert_allclose(final_safety[row], direct, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_the_refined_key_describes_its_own_scores_and_lends_them(tmp_path, tiny_models):
     """The refined key.json names the last refined adapter, so scoring that adapter later reuses its scores."""
     run_rounds(tmp_path, tiny_models, rounds=3)
@@ -83,10 +87,8 @@ def test_the_refined_key_describes_its_own_scores_and_lends_them(tmp_path, tiny_
     assert again["reused_shard_roles"] == 2 * again["shards"]
     fresh = score_dataset(replace(rescored, run_dir=str(tmp_path / "fresh")), show_progress=False)
     for role in ("safety", "utility"):
-        reused = list_column(run.read_scores(again["score_key"], again["shards"]), f"nll_{role}")[0]
-        direct = list_column(RunDir(tmp_path / "fresh").read_scores(fresh["score_key"], fresh["shards"]),
-                             f"nll_{role}")[0]
-        np.testing.assert_array_equal(reused, direct)
+        np.testing.assert_array_equal(run_nll(run.path, again["score_key"])[role],
+                                      run_nll(tmp_path / "fresh", fresh["score_key"])[role])
 
 
 def test_one_round_is_plain_toss(tmp_path, tiny_models):
@@ -108,6 +110,7 @@ def test_round_stats_overlap_and_means():
                      "mean_score_unflagged": 0.0}
 
 
+@pytest.mark.slow
 def test_a_run_killed_in_round_two_resumes_to_what_an_uninterrupted_run_gives(tmp_path, tiny_models, monkeypatch):
     import toss_filter.train
 
@@ -135,15 +138,14 @@ def test_a_run_killed_in_round_two_resumes_to_what_an_uninterrupted_run_gives(tm
     assert without_timings(resumed["rounds"]) == without_timings(whole["rounds"])
     final = {}
     for name in ("killed", "whole"):
-        run = RunDir(tmp_path / name / "run")
-        state = run.read_json("run.json")
-        final[name] = list_column(run.read_scores(state["score_key"], state["shards"]), "nll_safety")[0]
+        final[name] = run_nll(tmp_path / name / "run")["safety"]
         assert (tmp_path / name / "run" / "rounds" / "round-2" / "round.json").exists()
     np.testing.assert_array_equal(final["killed"], final["whole"])
     for column in ("input_ids", "labels"):
         assert load_from_disk(str(tmp_path / "killed" / "out"))[column] == load_from_disk(str(tmp_path / "whole" / "out"))[column]
 
 
+@pytest.mark.slow
 def test_more_rounds_after_fewer_refine_only_the_new_ones(tmp_path, tiny_models, monkeypatch):
     import toss_filter.train
 
@@ -152,3 +154,25 @@ def test_more_rounds_after_fewer_refine_only_the_new_ones(tmp_path, tiny_models,
     run_rounds(tmp_path, tiny_models, rounds=2)
     stats = run_rounds(tmp_path, tiny_models, rounds=3)
     assert len(calls) == 2 and [entry["round"] for entry in stats["rounds"]] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_rounds_with_skip_invalid_keep_every_shard_aligned(tmp_path, tiny_models):
+    """Invalid rows are absent from the token shards, so a shard's tokens are not the plan's span of input rows: the
+    refined scores must still land on their own shard's rows."""
+    rows = [*ROWS[:2], {"messages": "not a list"}, *ROWS[2:5], {"oops": 1}, *ROWS[5:]]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    score_config = ScoreConfig(str(data), str(tiny_models["safety"]), str(tiny_models["utility"]),
+                               str(tmp_path / "run"), device="cpu", skip_invalid=True, shard_rows=3)
+    select_config = SelectConfig(str(tmp_path / "run"), str(tmp_path / "out"), ratio=0.3, keep_empty=True)
+    refine = RefineConfig(rounds=2, epochs=1, learning_rate=5e-2, batch_size=4, micro_batch_size=2)
+    stats = filter_dataset(score_config, select_config, show_progress=False, refine=refine)
+    assert stats["rows_invalid"] == 2 and stats["rows_out"] == len(ROWS)
+    run = RunDir(tmp_path / "run")
+    state = run.read_json("run.json")
+    for shard in range(state["shards"]):
+        tokens = run.read_token_shard(state["tokens_key"], shard)
+        for role in ("safety", "utility"):
+            scores = read_table(run.score_shard(state["score_key"], role, shard))
+            assert scores.column("row").equals(tokens.column("row"))
+            assert np.array_equal(list_column(scores, "nll")[1], list_column(tokens, "input_ids")[1])

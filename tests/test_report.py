@@ -142,6 +142,7 @@ def test_cutoff_histogram_and_ranking_helpers():
     assert most_masked(np.array([1, 2, 0, 1, 0]), np.array([2, 4, 3, 1, 0]), 3) == [3, 1, 0]
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(not CHROMIUM.exists(),
                     reason="needs /usr/bin/chromium (Debian package `chromium`) for the headless browser check")
 def test_report_loads_in_headless_chromium_without_console_messages(report, tmp_path):

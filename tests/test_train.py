@@ -8,8 +8,10 @@ from transformers import AutoModelForCausalLM
 from conftest import chat, write_jsonl
 from toss_filter import ScoreConfig, score_dataset
 from toss_filter.errors import ConfigError
-from toss_filter.run import RunDir, tokens_digest
-from toss_filter.train import TrainRefConfig, train_reference
+from toss_filter.run import RunDir
+from toss_filter.fingerprint import tokens_digest
+from toss_filter.config import TrainRefConfig
+from toss_filter.train import train_reference
 
 ROWS = [chat(f"What is {i} plus {i}?", f"Sure! {i} plus {i} is {2 * i}. Happy to help.") for i in range(8)]
 
@@ -23,6 +25,7 @@ def trained(tmp_path_factory, tiny_models):
     return data, root / "adapter", train_reference(config)
 
 
+@pytest.mark.slow
 def test_train_ref_writes_a_loadable_adapter_whose_loss_went_down(trained, tiny_models):
     _, adapter, record = trained
     assert record["final_loss"] < record["first_loss"]
@@ -35,6 +38,7 @@ def test_train_ref_writes_a_loadable_adapter_whose_loss_went_down(trained, tiny_
     assert config["base_model_name_or_path"] == str(tiny_models["base"]) and config["r"] == 4
 
 
+@pytest.mark.slow
 def test_train_ref_and_filter_see_identical_tokens_and_masks(trained, tiny_models, tmp_path):
     data, adapter, record = trained
     score_dataset(ScoreConfig(str(data), str(adapter), str(tiny_models["utility"]), str(tmp_path / "run")), show_progress=False)
@@ -51,6 +55,7 @@ def test_max_rows_must_be_positive(tmp_path):
         TrainRefConfig("d.jsonl", "base", str(tmp_path / "a"), max_rows=0)
 
 
+@pytest.mark.slow
 def test_init_adapter_continues_an_adapter_with_its_own_lora_shape(trained, tiny_models, tmp_path):
     data, start, _ = trained
     config = TrainRefConfig(str(data), str(tiny_models["base"]), str(tmp_path / "continued"), learning_rate=5e-3,
@@ -65,6 +70,7 @@ def test_init_adapter_continues_an_adapter_with_its_own_lora_shape(trained, tiny
     assert lora and any(not torch.equal(before[name], after[name]) for name in lora)
 
 
+@pytest.mark.slow
 def test_init_adapter_of_another_base_is_refused(trained, tmp_path):
     data, start, _ = trained
     config = TrainRefConfig(str(data), "some/other-base", str(tmp_path / "a"), init_adapter=str(start))
@@ -72,6 +78,7 @@ def test_init_adapter_of_another_base_is_refused(trained, tmp_path):
         train_reference(config)
 
 
+@pytest.mark.slow
 def test_the_same_recipe_rebuilds_the_same_weights(trained, tiny_models, tmp_path):
     data, _, record = trained
     config = TrainRefConfig(str(data), str(tiny_models["base"]), str(tmp_path / "again"), learning_rate=5e-3,
@@ -81,6 +88,7 @@ def test_the_same_recipe_rebuilds_the_same_weights(trained, tiny_models, tmp_pat
     assert record["train_seconds"]["wall"] > 0 and record["train_seconds"]["cpu"] > 0
 
 
+@pytest.mark.slow
 def test_several_inputs_train_together_and_max_rows_counts_over_all(trained, tiny_models, tmp_path):
     data, _, _ = trained
     second = write_jsonl(tmp_path / "more.jsonl", [chat("Name a colour.", "Blue, like the sky.")] * 3)

@@ -27,6 +27,8 @@ from trl import SFTConfig, SFTTrainer
 from conftest import chat, write_jsonl
 from toss_filter import ScoreConfig, SelectConfig, filter_dataset
 
+pytestmark = pytest.mark.slow  # every test trains on the module's filtered output
+
 IGNORE = -100
 TOL = 1e-5  # observed gaps are ~1e-6 (float32 forwards); counting the masked tokens moves the loss by ~3e-2
 Row = tuple[tuple[int, ...], tuple[int, ...]]  # (input_ids, labels)

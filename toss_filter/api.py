@@ -1,8 +1,13 @@
-"""The Python API: one function per entry point, each a config dataclass in and a summary dict out.
+"""The Python API: one function per entry point, each a config dataclass in and a summary dict out. The CLI calls
+exactly these.
 
     score_dataset(ScoreConfig, executor=ExecutorConfig())   load → tokenize → score, into the run directory
-    select_dataset(SelectConfig, executor=ExecutorConfig()) select → write, from the run directory
+    select_dataset(SelectConfig, executor=ExecutorConfig()) select → write, from the run directory, then the
+                                                            report and the Hub push that SelectConfig asks for
     filter_dataset(ScoreConfig, SelectConfig, refine=RefineConfig(), executor=ExecutorConfig())  all of it
+
+Configs check their values when built; what needs the disk (an output that would overwrite the input or the run
+directory, a directory there that toss-filter did not write) is checked here, before any work.
 
 Each step goes through the run directory (`toss_filter.run`), shard by shard (`toss_filter.plan`), on the
 executor `executor` names (`toss_filter.executors`), so the steps can run separately, resume, and scale out.
@@ -56,6 +61,35 @@ def _locked(score: ScoreConfig | None = None, select: SelectConfig | None = None
         yield
 
 
+def _check_select(config: SelectConfig, input: str | None) -> None:
+    """Refuse, before any work, an output that would overwrite the input, the run directory or a directory that
+    toss-filter did not write, and a malformed Hub repo id."""
+    from toss_filter.data.write import check_output, check_output_dir, rejected_path
+
+    check_paths(input, config.run_dir, config.output)
+    check_output(Path(config.output), config.format, config.emit_assistant_masks)
+    check_output_dir(rejected_path(Path(config.output)), "the rejected rows' directory")
+    if config.push_to_hub:
+        from toss_filter.hub import check_repo_id
+
+        check_repo_id(config.push_to_hub)
+
+
+def _after_select(config: SelectConfig, stats: dict[str, Any]) -> dict[str, Any]:
+    """What `config` asks for beside the output: RUN_DIR/report.html (`stats["report"]`), the Hub push
+    (`stats["pushed"]`)."""
+    if config.report:
+        from toss_filter.report import write_report
+
+        stats["report"] = str(write_report(config.run_dir, Path(config.run_dir) / "report.html"))
+    if config.push_to_hub:
+        from toss_filter.hub import push_output
+
+        stats["pushed"] = push_output(Path(config.output), config.push_to_hub, Path(config.run_dir),
+                                      private=config.hub_private)
+    return stats
+
+
 def _recorded_input(run_dir: str) -> str | None:
     """The input a run directory was scored from (run.json), if it says."""
     try:
@@ -71,24 +105,27 @@ def score_dataset(config: ScoreConfig, executor: ExecutorConfig | None = None,
     from toss_filter.steps.score import score_step
 
     with _locked(score=config):
-        return _on_executor(executor, lambda running: score_step(config, running, show_progress, executor))
+        return _on_executor(executor, lambda running: score_step(config, running, show_progress))
 
 
 def select_dataset(config: SelectConfig, executor: ExecutorConfig | None = None,
                    show_progress: bool = True) -> dict[str, Any]:
     """Mask the unsafe tokens chosen from the run directory's scores and write the output, the rejected rows, the
-    sidecar and stats.json; returns the stats."""
+    sidecar and stats.json, then the report and the push `config` asks for; returns the stats (with `report` and
+    `pushed` where they were done)."""
     from toss_filter.steps.select import select_step
 
-    check_paths(_recorded_input(config.run_dir), config.run_dir, config.output)
+    _check_select(config, _recorded_input(config.run_dir))
     with _locked(select=config):
-        return _on_executor(executor, lambda running: select_step(config, running, show_progress))
+        stats = _on_executor(executor, lambda running: select_step(config, running, show_progress))
+    return _after_select(config, stats)
 
 
 def filter_dataset(score_config: ScoreConfig, select_config: SelectConfig, show_progress: bool = True,
                    refine: RefineConfig | None = None, executor: ExecutorConfig | None = None) -> dict[str, Any]:
     """`score_dataset`, then TOSS-Pro's rounds if `refine.rounds > 1` (`toss_filter.refine`), then
-    `select_dataset`, over the same run directory and one executor; returns the stats (also RUN_DIR/stats.json)."""
+    `select_dataset` (the report and the push included), over the same run directory and one executor; returns the
+    stats (also RUN_DIR/stats.json)."""
     from toss_filter.steps.score import score_step
     from toss_filter.steps.select import select_step
 
@@ -99,15 +136,16 @@ def filter_dataset(score_config: ScoreConfig, select_config: SelectConfig, show_
         from toss_filter.errors import ConfigError
 
         raise ConfigError("--shard-slice scores part of the shards: run `score` once per slice, then `select`")
-    check_paths(score_config.input, select_config.run_dir, select_config.output)
+    _check_select(select_config, score_config.input)
     if rounds:
         check_refinable(score_config, select_config)
 
     def work(running: Any) -> dict[str, Any]:
-        score_step(score_config, running, show_progress, executor)
+        score_step(score_config, running, show_progress)
         if rounds:
             refine_rounds(score_config, select_config, refine, show_progress)
         return select_step(select_config, running, show_progress)
 
     with _locked(score=score_config, select=select_config):
-        return _on_executor(executor, work)
+        stats = _on_executor(executor, work)
+    return _after_select(select_config, stats)

@@ -18,7 +18,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from toss_filter.config import ExecutorConfig, RefineConfig, ScoreConfig, SelectConfig
+from toss_filter.config import (DataConfig, EstimateConfig, EvalRefsConfig, ExecutorConfig, ModelsConfig, RefineConfig,
+                                 ScoreConfig, SelectConfig, TrainRefConfig)
 from toss_filter.default_model import EMBEDDED_MODEL_ID
 from toss_filter.errors import ConfigError, TossError
 from toss_filter.run import default_run_dir
@@ -35,60 +36,71 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-Input = Annotated[str, typer.Argument(help="A .jsonl/.json/.parquet file, a save_to_disk directory, or a datasets.load_dataset name.")]
-SafetyModel = Annotated[str, typer.Option("--safety-model", help="Safety-degraded reference: a model directory or a LoRA adapter directory.")]
-UtilityModel = Annotated[str, typer.Option("--utility-model", help="Utility-oriented reference: a model directory or a LoRA adapter directory.")]
-BaseModel = Annotated[Optional[str], typer.Option("--base-model", help="Base model of the adapters (default: the base named in each adapter_config.json).")]
-RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Tokens, score shards, stats and config; re-running resumes from it. Default: OUTPUT-run.")]
-Split = Annotated[Optional[str], typer.Option("--split", help="Split of a dataset dict or Hub dataset (default: train).")]
-Column = Annotated[Optional[list[str]], typer.Option("--column", help="Rename an input column: canonical=actual, e.g. --column prompt=question. Canonical names: messages, prompt, completion, instruction, input, output, system_prompt, question, response.")]
-Template = Annotated[str, typer.Option("--template", help="chat (the model's chat template), paper (Human:/Assistant: as in the TOSS experiments), or a Jinja file.")]
-MaxLength = Annotated[Optional[int], typer.Option("--max-length", help="Truncate rows to N tokens; stats.json counts the truncated rows.")]
-SkipInvalid = Annotated[bool, typer.Option("--skip-invalid", help="A row that cannot be read or tokenized goes to OUTPUT-rejected (reason \"invalid: ...\") instead of stopping the run (even with --keep-empty: it has no tokens); stats.json counts rows_invalid.")]
-Limit = Annotated[Optional[int], typer.Option("--limit", help="Read, tokenize and score only the first N input rows (a trial run).")]
-ScoreReasoning = Annotated[bool, typer.Option("--score-reasoning/--no-score-reasoning", help="Score reasoning (reasoning_content, <think> blocks) like the rest of each response. --no-score-reasoning keeps it out of the scores and the masking; the output still trains on it.")]
-MaxInvalid = Annotated[Optional[int], typer.Option("--max-invalid", help="With --skip-invalid: stop anyway (exit 2, naming the row) once more than N rows are invalid.")]
-Backend = Annotated[str, typer.Option("--backend", help="Scoring backend: torch (transformers) or vllm (needs vLLM installed; see docs/vllm.md).")]
-MergeAdapters = Annotated[bool, typer.Option("--merge-adapters", help="vllm: merge LoRA adapters into full weights (cached in the run directory) instead of serving them as LoRA. Needed for adapters that touch lm_head/embed_tokens; always done on CPU.")]
-Verify = Annotated[int, typer.Option("--verify", help="vllm: re-score N random rows with the torch backend; report max/mean |ΔNLL| and fail above the dtype's tolerance.")]
-GpuMemory = Annotated[Optional[float], typer.Option("--gpu-memory-utilization", help="vllm: share of GPU memory for the engine (default 0.8: prompt logprobs need headroom).")]
-TensorParallel = Annotated[int, typer.Option("--tensor-parallel-size", help="vllm: GPUs per engine.")]
-VllmArg = Annotated[Optional[list[str]], typer.Option("--vllm-arg", help="vllm: any other engine argument as key=value (repeatable), e.g. --vllm-arg max_num_batched_tokens=4096; numbers, true/false and JSON values are parsed.")]
-Dtype = Annotated[str, typer.Option("--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16. Log-softmax is float32 always.")]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")]
-BatchTokens = Annotated[Optional[int], typer.Option("--max-batch-tokens", show_default=False, help="Padded tokens per forward pass of the torch backend and --verify [default: 2048 on CPU, 8192 on GPU]; vLLM's is --vllm-arg max_num_batched_tokens (default 2048).")]
-ShardRows = Annotated[int, typer.Option("--shard-rows", help="Rows per shard: the unit of every step, of parallel work and of resume.")]
-DatasetName = Annotated[Optional[str], typer.Option("--name", help="The config of a Hub dataset that has several (datasets.load_dataset's name).")]
-NumProc = Annotated[int, typer.Option("--num-proc", help="Tokenizer processes.")]
-ShardSlice = Annotated[Optional[str], typer.Option("--shard-slice", help="I/N: score only every N-th shard from the I-th (Slurm arrays, torchrun, any launcher); a final `select` assembles the slices.")]
-ExecutorOpt = Annotated[str, typer.Option("--executor", help="local (this process) or ray (Ray Data: one scorer actor per replica; docs/scale.md).")]
-RayAddress = Annotated[Optional[str], typer.Option("--ray-address", help="ray: the cluster to join (default: RAY_ADDRESS, else a local Ray).")]
-Replicas = Annotated[int, typer.Option("--replicas", help="ray: scorer actors, each holding both references.")]
-GpusPerReplica = Annotated[float, typer.Option("--gpus-per-replica", help="ray: GPUs per replica (a vLLM replica with 2+ runs tensor-parallel).")]
-CpusPerReplica = Annotated[int, typer.Option("--cpus-per-replica", help="ray: CPUs per replica, also its torch thread count.")]
-Threads = Annotated[Optional[int], typer.Option("--threads", help="local: torch threads of the scorer (default: torch's choice).")]
-Deterministic = Annotated[bool, typer.Option("--deterministic", help="GPU: batch-invariant scores (vLLM's batch-invariant mode, deterministic torch kernels); docs/scale.md.")]
-RemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model repositories to run their own code.")]
-AllowPickle = Annotated[bool, typer.Option("--allow-pickle-weights", help="Load a model, adapter or base directory that has only pickle weights (pytorch_model.bin, *.pt, adapter_model.bin; no .safetensors). Off: refused, since unpickling can run code; weights load from safetensors only.")]
-Output = Annotated[Path, typer.Option("--output", "-o", help="Where the trainer-ready data goes: a save_to_disk directory (input_ids, attention_mask, labels), or one file with --format parquet|jsonl|torchtune.")]
-Ratio = Annotated[float, typer.Option("--ratio", help="Share of all scored response tokens to mask, in [0, 1].")]
-Scope = Annotated[str, typer.Option("--scope", help="global (top share over the whole dataset, as in the paper) or per-sample.")]
-Threshold = Annotated[Optional[float], typer.Option("--threshold", help="Mask every token with score above this value instead of a share.")]
-KeepEmpty = Annotated[bool, typer.Option("--keep-empty", help="Keep rows left with no trainable token, so output row i is input row i.")]
-Rounds = Annotated[int, typer.Option("--rounds", help="TOSS-Pro: scoring rounds, refining the safety adapter on each round's flagged tokens in between (1 = plain TOSS).")]
-RefineEpochs = Annotated[float, typer.Option("--refine-epochs", help="TOSS-Pro: epochs of each refinement.")]
-RefineRate = Annotated[float, typer.Option("--refine-learning-rate", help="TOSS-Pro: constant learning rate of each refinement.")]
-RefineBatch = Annotated[int, typer.Option("--refine-batch-size", help="TOSS-Pro: rows per optimiser step.")]
-RefineMicroBatch = Annotated[int, typer.Option("--refine-micro-batch-size", help="TOSS-Pro: rows per forward pass.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, log lines or summary; errors only.")]
-Strategy = Annotated[str, typer.Option("--strategy", help="toss (by token score, the paper), or a baseline at the same token budget: sample (whole rows by mean score), first-k (earliest response tokens), random.")]
-Seed = Annotated[int, typer.Option("--seed", help="Seed of --strategy random.")]
-NoReport = Annotated[bool, typer.Option("--no-report", help="Do not write RUN_DIR/report.html.")]
-Format = Annotated[str, typer.Option("--format", help="arrow (save_to_disk directory), parquet, jsonl, or torchtune (tokens + pre-shifted labels); docs/trainers.md.")]
-AssistantMasks = Annotated[bool, typer.Option("--emit-assistant-masks", help="Add an assistant_masks column, for TRL <= 1.6 with packing (which drops labels). Off: axolotl wants exactly three columns.")]
-RepoId = Annotated[Optional[str], typer.Option("--push-to-hub", help="After writing, push OUTPUT (arrow) to this Hub dataset, ORG/NAME, with a dataset card; token from HF_TOKEN or `hf auth login`.")]
-HubPrivate = Annotated[bool, typer.Option("--hub-private", help="With --push-to-hub: create the repo private (only applies when it is created).")]
+def _field(config: type, name: str) -> dataclasses.Field:
+    return {item.name: item for item in dataclasses.fields(config)}[name]
 
+
+def opt(config: type, name: str, *flags: str, suffix: str = "", **kwargs: Any) -> Any:
+    """The option of config field `name`: its flag and help come from the field's metadata (toss_filter.config)."""
+    metadata = _field(config, name).metadata
+    return typer.Option(*(flags or (metadata.get("flag") or f"--{name.replace('_', '-')}",)),
+                        help=metadata["help"] + suffix, **kwargs)
+
+
+Input = Annotated[str, typer.Argument(help=_field(DataConfig, "input").metadata["help"])]
+SafetyModel = Annotated[str, opt(ModelsConfig, "safety_model")]
+UtilityModel = Annotated[str, opt(ModelsConfig, "utility_model")]
+BaseModel = Annotated[Optional[str], opt(ModelsConfig, "base_model")]
+Template = Annotated[str, opt(ModelsConfig, "template")]
+MaxLength = Annotated[Optional[int], opt(ModelsConfig, "max_length")]
+Dtype = Annotated[str, opt(ModelsConfig, "dtype")]
+Device = Annotated[str, opt(ModelsConfig, "device")]
+BatchTokens = Annotated[Optional[int], opt(ModelsConfig, "max_batch_tokens", show_default=False)]
+RemoteCode = Annotated[bool, opt(ModelsConfig, "trust_remote_code")]
+AllowPickle = Annotated[bool, opt(ModelsConfig, "allow_pickle_weights")]
+Split = Annotated[Optional[str], opt(DataConfig, "split")]
+DatasetName = Annotated[Optional[str], opt(DataConfig, "name")]
+Column = Annotated[Optional[list[str]], opt(DataConfig, "columns")]
+ScoreReasoning = Annotated[bool, opt(DataConfig, "score_reasoning")]
+Limit = Annotated[Optional[int], opt(DataConfig, "limit")]
+RunDirOpt = Annotated[Optional[Path], opt(ScoreConfig, "run_dir", suffix=" Default: OUTPUT-run.")]
+SkipInvalid = Annotated[bool, opt(ScoreConfig, "skip_invalid")]
+MaxInvalid = Annotated[Optional[int], opt(ScoreConfig, "max_invalid")]
+Backend = Annotated[str, opt(ScoreConfig, "backend")]
+ShardRows = Annotated[int, opt(ScoreConfig, "shard_rows")]
+NumProc = Annotated[int, opt(ScoreConfig, "num_proc")]
+ShardSlice = Annotated[Optional[str], opt(ScoreConfig, "shard_slice")]
+Deterministic = Annotated[bool, opt(ScoreConfig, "deterministic")]
+MergeAdapters = Annotated[bool, opt(ScoreConfig, "merge_adapters")]
+Verify = Annotated[int, opt(ScoreConfig, "verify")]
+GpuMemory = Annotated[Optional[float], opt(ScoreConfig, "gpu_memory_utilization")]
+TensorParallel = Annotated[int, opt(ScoreConfig, "tensor_parallel_size")]
+VllmArg = Annotated[Optional[list[str]], opt(ScoreConfig, "vllm_args")]
+ExecutorOpt = Annotated[str, opt(ExecutorConfig, "executor")]
+RayAddress = Annotated[Optional[str], opt(ExecutorConfig, "ray_address")]
+Replicas = Annotated[int, opt(ExecutorConfig, "replicas")]
+GpusPerReplica = Annotated[float, opt(ExecutorConfig, "gpus_per_replica")]
+CpusPerReplica = Annotated[int, opt(ExecutorConfig, "cpus_per_replica")]
+Threads = Annotated[Optional[int], opt(ExecutorConfig, "threads")]
+Output = Annotated[Path, opt(SelectConfig, "output", "--output", "-o")]
+Ratio = Annotated[float, opt(SelectConfig, "ratio")]
+Scope = Annotated[str, opt(SelectConfig, "scope")]
+Threshold = Annotated[Optional[float], opt(SelectConfig, "threshold")]
+KeepEmpty = Annotated[bool, opt(SelectConfig, "keep_empty")]
+Strategy = Annotated[str, opt(SelectConfig, "strategy")]
+Seed = Annotated[int, opt(SelectConfig, "seed")]
+Format = Annotated[str, opt(SelectConfig, "format")]
+AssistantMasks = Annotated[bool, opt(SelectConfig, "emit_assistant_masks")]
+Report = Annotated[bool, opt(SelectConfig, "report")]
+RepoId = Annotated[Optional[str], opt(SelectConfig, "push_to_hub")]
+HubPrivate = Annotated[bool, opt(SelectConfig, "hub_private")]
+Rounds = Annotated[int, opt(RefineConfig, "rounds")]
+RefineEpochs = Annotated[float, opt(RefineConfig, "epochs")]
+RefineRate = Annotated[float, opt(RefineConfig, "learning_rate")]
+RefineBatch = Annotated[int, opt(RefineConfig, "batch_size")]
+RefineMicroBatch = Annotated[int, opt(RefineConfig, "micro_batch_size")]
+RefineSeed = Annotated[int, opt(RefineConfig, "seed")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, log lines or summary; errors only.")]
 
 def _verbose(value: bool) -> bool:
     """`-v` after the command (`toss-filter filter ... -v`): the same as before it (`toss-filter -v filter ...`)."""
@@ -99,12 +111,12 @@ def _verbose(value: bool) -> bool:
 
 def _log_every(value: float) -> float:
     """`--log-every`: set the interval of the plain progress lines (a module-level setting of
-    `toss_filter.steps.progress`: the bars are built deep in the steps and executors, which take only
+    `toss_filter.progress`: the bars are built deep in the steps and executors, which take only
     show_progress). Called on every invocation, with the default too, so one in-process run never leaks its value
     into the next."""
     if value < 0:
         raise typer.BadParameter("expected seconds >= 0 (0: no log lines)")
-    from toss_filter.steps import progress
+    from toss_filter import progress
 
     progress.LOG_EVERY = value
     return value
@@ -132,11 +144,17 @@ def _load_config_file(ctx: typer.Context, param: typer.CallbackParam, value: Opt
     if not isinstance(loaded, dict):
         raise typer.BadParameter(f"{value}: expected a mapping of option names to values")
     params = {p.name: p for p in ctx.command.params if p.name not in ("config",)}
+    # a key may be the option's flag (column, no-report) or its field name (columns, report)
+    by_flag = {flag.lstrip("-").replace("-", "_"): p.name for p in params.values() for flag in p.opts}
+    by_flag |= {flag.lstrip("-").replace("-", "_"): p.name for p in params.values() for flag in p.secondary_opts}
     defaults: dict[str, Any] = {}
     for key, item in loaded.items():
-        name = str(key).lstrip("-").replace("-", "_")
-        if name not in params:
+        flag = str(key).lstrip("-").replace("-", "_")
+        name = params[flag].name if flag in params else by_flag.get(flag)
+        if name is None:
             raise typer.BadParameter(f"{value}: unknown option {key!r} for `{ctx.command.name}`")
+        if flag in [o.lstrip("-").replace("-", "_") for o in params[name].secondary_opts]:
+            item = not item  # no-report: true is report: false
         if isinstance(item, dict):  # column: {prompt: question}, vllm-arg: {max_num_batched_tokens: 4096}
             item = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in item.items()]
         elif params[name].multiple and not isinstance(item, list):  # column: prompt=question
@@ -214,7 +232,7 @@ def _run(action: Any) -> Any:
             _on_sigterm(previous)
 
 
-def _summary(stats: dict[str, Any], run_dir: Path, report: Path | None = None) -> None:
+def _summary(stats: dict[str, Any], run_dir: Path) -> None:
     typer.echo(
         f"rows in {stats['rows_in']}, out {stats['rows_out']}, rejected {stats['rows_rejected']}; "
         f"masked {stats['masked_tokens']} of {stats['scored_tokens']} scored response tokens "
@@ -223,9 +241,11 @@ def _summary(stats: dict[str, Any], run_dir: Path, report: Path | None = None) -
     typer.echo(f"output:   {stats['output']}")
     typer.echo(f"rejected: {stats['rejected_output']}")
     typer.echo(f"stats:    {run_dir / 'stats.json'}")
-    if report:
-        typer.echo(f"report:   {report}")
+    if stats.get("report"):
+        typer.echo(f"report:   {stats['report']}")
     _verify_summary(stats)
+    if stats.get("pushed"):
+        _pushed(stats["pushed"])
 
 
 def _verify_summary(result: dict[str, Any]) -> None:
@@ -238,12 +258,15 @@ def _verify_summary(result: dict[str, Any]) -> None:
         )
 
 
-def _config(cls: type, params: dict[str, Any], **overrides: Any) -> Any:
-    """`cls` (a config dataclass) from a command's parameters: options are named after the config fields, so a
-    command's `locals()` map onto its config; list options are parsed first."""
-    params = params | {"columns": _columns(params.get("column")), "vllm_args": _vllm_args(params.get("vllm_arg"))}
+def _config(cls: type, params: dict[str, Any], prefix: str = "", **overrides: Any) -> Any:
+    """`cls` (a config dataclass) from a command's parameters: options are named after the config fields (or
+    `prefix` + the field, where two configs of one command share a name: `refine_seed`), so a command's `locals()`
+    map onto its config; list options are parsed first."""
+    params = params | {"columns": _columns(params.get("columns")), "vllm_args": _vllm_args(params.get("vllm_args"))}
     params |= {key: str(params[key]) for key in ("run_dir", "output") if params.get(key) is not None} | overrides
-    return cls(**{f.name: params[f.name] for f in dataclasses.fields(cls) if f.name in params})
+    values = {f.name: params[prefix + f.name] if prefix + f.name in params else params.get(f.name, f.default)
+              for f in dataclasses.fields(cls) if prefix + f.name in params or f.name in params}
+    return cls(**values)
 
 
 
@@ -254,19 +277,19 @@ def filter_command(
     run_dir: RunDirOpt = None, template: Template = "chat", max_length: MaxLength = None, scope: Scope = "global",
     skip_invalid: SkipInvalid = False, max_invalid: MaxInvalid = None, limit: Limit = None,
     score_reasoning: ScoreReasoning = True,
-    threshold: Threshold = None, split: Split = None, column: Column = None, dtype: Dtype = "auto",
+    threshold: Threshold = None, split: Split = None, columns: Column = None, dtype: Dtype = "auto",
     device: Device = "auto", max_batch_tokens: BatchTokens = None, shard_rows: ShardRows = 1000,
     trust_remote_code: RemoteCode = False, allow_pickle_weights: AllowPickle = False,
     merge_adapters: MergeAdapters = False, verify: Verify = 0,
-    gpu_memory_utilization: GpuMemory = None, tensor_parallel_size: TensorParallel = 1, vllm_arg: VllmArg = None,
+    gpu_memory_utilization: GpuMemory = None, tensor_parallel_size: TensorParallel = 1, vllm_args: VllmArg = None,
     name: DatasetName = None, num_proc: NumProc = 1, executor: ExecutorOpt = "local", ray_address: RayAddress = None,
     replicas: Replicas = 1, gpus_per_replica: GpusPerReplica = 0.0, cpus_per_replica: CpusPerReplica = 1,
     threads: Threads = None, deterministic: Deterministic = False,
     strategy: Strategy = "toss", seed: Seed = 0, format: Format = "arrow", emit_assistant_masks: AssistantMasks = False,
     push_to_hub: RepoId = None, hub_private: HubPrivate = False,
     rounds: Rounds = 1, refine_epochs: RefineEpochs = 1.0, refine_learning_rate: RefineRate = 1e-4,
-    refine_batch_size: RefineBatch = 16, refine_micro_batch_size: RefineMicroBatch = 4,
-    no_report: NoReport = False, quiet: Quiet = False, log_every: LogEvery = 30.0, verbose: Verbose = False,
+    refine_batch_size: RefineBatch = 16, refine_micro_batch_size: RefineMicroBatch = 4, refine_seed: RefineSeed = 42,
+    report: Report = True, quiet: Quiet = False, log_every: LogEvery = 30.0, verbose: Verbose = False,
     config: ConfigFile = None,
 ) -> None:
     """Score and mask in one go: INPUT → OUTPUT (a save_to_disk dataset any trainer can load), plus
@@ -275,27 +298,11 @@ def filter_command(
 
     run_dir = run_dir or default_run_dir(output)
     params = dict(locals())
-
-    def action() -> dict[str, Any]:
-        select_config = _config(SelectConfig, params)
-        if push_to_hub:
-            from toss_filter.hub import check_repo_id
-
-            check_repo_id(push_to_hub)
-            if format != "arrow":
-                raise ConfigError("--push-to-hub pushes the arrow output: leave --format at arrow")
-        elif hub_private:
-            raise ConfigError("--hub-private only applies with --push-to-hub")
-        refine = RefineConfig(rounds, refine_epochs, refine_learning_rate, refine_batch_size, refine_micro_batch_size)
-        return filter_dataset(_config(ScoreConfig, params), select_config, show_progress=not quiet, refine=refine,
-                              executor=_config(ExecutorConfig, params))
-
-    stats = _run(action)
-    report = None if no_report else _run(lambda: _write_report(run_dir))
+    stats = _run(lambda: filter_dataset(
+        _config(ScoreConfig, params), _config(SelectConfig, params), show_progress=not quiet,
+        refine=_config(RefineConfig, params, prefix="refine_"), executor=_config(ExecutorConfig, params)))
     if not quiet:
-        _summary(stats, run_dir, report)
-    if push_to_hub:
-        _push(output, push_to_hub, run_dir, hub_private, None, None, quiet)
+        _summary(stats, run_dir)
 
 
 @app.command("score")
@@ -305,11 +312,11 @@ def score_command(
     base_model: BaseModel = None, backend: Backend = "torch", template: Template = "chat",
     max_length: MaxLength = None, skip_invalid: SkipInvalid = False, max_invalid: MaxInvalid = None,
     score_reasoning: ScoreReasoning = True,
-    limit: Limit = None, split: Split = None, column: Column = None, dtype: Dtype = "auto",
+    limit: Limit = None, split: Split = None, columns: Column = None, dtype: Dtype = "auto",
     device: Device = "auto", max_batch_tokens: BatchTokens = None, shard_rows: ShardRows = 1000,
     trust_remote_code: RemoteCode = False, allow_pickle_weights: AllowPickle = False,
     merge_adapters: MergeAdapters = False, verify: Verify = 0,
-    gpu_memory_utilization: GpuMemory = None, tensor_parallel_size: TensorParallel = 1, vllm_arg: VllmArg = None,
+    gpu_memory_utilization: GpuMemory = None, tensor_parallel_size: TensorParallel = 1, vllm_args: VllmArg = None,
     name: DatasetName = None, num_proc: NumProc = 1, shard_slice: ShardSlice = None, executor: ExecutorOpt = "local",
     ray_address: RayAddress = None, replicas: Replicas = 1, gpus_per_replica: GpusPerReplica = 0.0,
     cpus_per_replica: CpusPerReplica = 1, threads: Threads = None, deterministic: Deterministic = False,
@@ -334,7 +341,8 @@ def select_command(
     output: Output, ratio: Ratio = 0.2, scope: Scope = "global", threshold: Threshold = None,
     keep_empty: KeepEmpty = False, strategy: Strategy = "toss", seed: Seed = 0, format: Format = "arrow",
     emit_assistant_masks: AssistantMasks = False, executor: ExecutorOpt = "local", ray_address: RayAddress = None,
-    no_report: NoReport = False, quiet: Quiet = False, verbose: Verbose = False, config: ConfigFile = None,
+    report: Report = True, push_to_hub: RepoId = None, hub_private: HubPrivate = False, quiet: Quiet = False,
+    verbose: Verbose = False, config: ConfigFile = None,
 ) -> None:
     """Step 2 of 2: mask the top-scoring tokens from RUN_DIR's scores and write OUTPUT; re-run freely with
     another --ratio, nothing is re-scored."""
@@ -343,36 +351,35 @@ def select_command(
     params = dict(locals())
     stats = _run(lambda: select_dataset(_config(SelectConfig, params), _config(ExecutorConfig, params),
                                         show_progress=not quiet))
-    report = None if no_report else _run(lambda: _write_report(run_dir))
     if not quiet:
-        _summary(stats, run_dir, report)
+        _summary(stats, run_dir)
 
 
 @app.command("train-ref")
 def train_ref_command(
-    data: Annotated[list[str], typer.Argument(help="Training data: one or more inputs (as for filter), trained on together.")],
-    base_model: Annotated[str, typer.Option("--base-model", help="The base model both references share (a directory or Hub id).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Adapter directory to write (PEFT format + training.json).")],
-    split: Split = None, column: Column = None, template: Template = "chat",
-    max_length: Annotated[int, typer.Option("--max-length", help="Truncate rows to N tokens.")] = 2048,
-    max_rows: Annotated[Optional[int], typer.Option("--max-rows", help="Train on the first N rows only (default: all).")] = None,
-    rank: Annotated[int, typer.Option("--rank", help="LoRA rank r.")] = 16,
-    alpha: Annotated[int, typer.Option("--alpha", help="LoRA alpha.")] = 16,
-    dropout: Annotated[float, typer.Option("--dropout", help="LoRA dropout.")] = 0.0,
-    target_modules: Annotated[str, typer.Option("--target-modules", help="Comma-separated module names, or all-linear.")] = "q_proj,v_proj",
-    learning_rate: Annotated[float, typer.Option("--learning-rate", help="Constant learning rate.")] = 1e-5,
-    epochs: Annotated[float, typer.Option("--epochs", help="Passes over the data.")] = 2.0,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch (rows per optimiser step), reached by accumulation.")] = 64,
-    micro_batch_size: Annotated[int, typer.Option("--micro-batch-size", help="Rows per forward pass.")] = 4,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the LoRA init and data order.")] = 42,
-    init_adapter: Annotated[Optional[str], typer.Option("--init-adapter", help="Continue this adapter of the same base (its rank, alpha and targets) instead of a fresh one: the recipe trains θs from θu.")] = None,
+    data: Annotated[list[str], typer.Argument(help=_field(TrainRefConfig, "data").metadata["help"])],
+    base_model: Annotated[str, opt(TrainRefConfig, "base_model")],
+    output: Annotated[Path, opt(TrainRefConfig, "output", "--output", "-o")],
+    split: Split = None, columns: Column = None, template: Template = "chat",
+    max_length: Annotated[int, opt(TrainRefConfig, "max_length")] = 2048,
+    max_rows: Annotated[Optional[int], opt(TrainRefConfig, "max_rows")] = None,
+    rank: Annotated[int, opt(TrainRefConfig, "rank")] = 16,
+    alpha: Annotated[int, opt(TrainRefConfig, "alpha")] = 16,
+    dropout: Annotated[float, opt(TrainRefConfig, "dropout")] = 0.0,
+    target_modules: Annotated[str, opt(TrainRefConfig, "target_modules")] = "q_proj,v_proj",
+    learning_rate: Annotated[float, opt(TrainRefConfig, "learning_rate")] = 1e-5,
+    epochs: Annotated[float, opt(TrainRefConfig, "epochs")] = 2.0,
+    batch_size: Annotated[int, opt(TrainRefConfig, "batch_size")] = 64,
+    micro_batch_size: Annotated[int, opt(TrainRefConfig, "micro_batch_size")] = 4,
+    seed: Annotated[int, opt(TrainRefConfig, "seed")] = 42,
+    init_adapter: Annotated[Optional[str], opt(TrainRefConfig, "init_adapter")] = None,
     trust_remote_code: RemoteCode = False, quiet: Quiet = False, log_every: LogEvery = 30.0, verbose: Verbose = False,
     config: ConfigFile = None,
 ) -> None:
     """Train a reference: LoRA SFT on DATA's response tokens, tokenized exactly as `filter` does. Defaults are the
     paper's recipe. Train the safety-degraded reference on harmful compliant Q&A and the utility-oriented one on
     benign task data (docs/references.md)."""
-    from toss_filter.train import TrainRefConfig, train_reference
+    from toss_filter.train import train_reference
 
     params = dict(locals())
     modules = [name.strip() for name in target_modules.split(",") if name.strip()]
@@ -405,7 +412,11 @@ def _push(output: Path, repo_id: str, run_dir: Path, private: bool, revision: st
 
     result = _run(lambda: push_output(output, repo_id, run_dir, private=private, revision=revision, token=token))
     if not quiet:
-        typer.echo(f"pushed:   {result['rows']} rows to {result['url']} ({result['revision']})")
+        _pushed(result)
+
+
+def _pushed(result: dict[str, Any]) -> None:
+    typer.echo(f"pushed:   {result['rows']} rows to {result['url']} ({result['revision']})")
 
 
 @app.command("inspect")
@@ -413,7 +424,7 @@ def inspect_command(
     input: Input, template: Template = "chat",
     rows: Annotated[int, typer.Option("--rows", min=1, help="How many rows to show, from the first.")] = 3,
     tokenizer: Annotated[str, typer.Option("--tokenizer", help="The model or adapter directory (or Hub name) whose tokenizer and chat template to use: the one you will pass as --safety-model.")] = EMBEDDED_MODEL_ID,
-    base_model: BaseModel = None, max_length: MaxLength = None, split: Split = None, column: Column = None,
+    base_model: BaseModel = None, max_length: MaxLength = None, split: Split = None, columns: Column = None,
     name: DatasetName = None, trust_remote_code: RemoteCode = False,
     score_reasoning: ScoreReasoning = True, quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
@@ -429,7 +440,7 @@ def inspect_command(
         # allow_pickle: no weights load here, so a pickle-only model directory is no risk
         loaded = load_tokenizer(resolve_spec("tokenizer", tokenizer, base_model, allow_pickle=True), trust_remote_code)
         encode = ConversationTokenizer(loaded, resolve_format(loaded, template), max_length, score_reasoning)
-        return render(inspect_rows(input, encode, rows, split, _columns(column), name), loaded)
+        return render(inspect_rows(input, encode, rows, split, _columns(columns), name), loaded)
 
     shown = _run(action)
     if not quiet:  # with --quiet, only the exit code says whether the rows tokenize
@@ -440,7 +451,7 @@ def inspect_command(
 def estimate_command(
     input: Input, safety_model: SafetyModel, utility_model: UtilityModel, base_model: BaseModel = None,
     template: Template = "chat", max_length: MaxLength = None, score_reasoning: ScoreReasoning = True,
-    limit: Limit = None, split: Split = None, column: Column = None, name: DatasetName = None, dtype: Dtype = "auto",
+    limit: Limit = None, split: Split = None, columns: Column = None, name: DatasetName = None, dtype: Dtype = "auto",
     device: Device = "auto", max_batch_tokens: BatchTokens = None, trust_remote_code: RemoteCode = False,
     allow_pickle_weights: AllowPickle = False,
     measure: Annotated[bool, typer.Option("--measure/--no-measure", help="Measure the scoring rate here (a few seconds of forward passes of the real references on a sample of the rows), or use --rate.")] = True,
@@ -454,8 +465,7 @@ def estimate_command(
     if measure == (rate is not None):
         raise typer.BadParameter("give --rate with --no-measure, and only then", param_hint="--rate")
     params = dict(locals())
-    # estimate writes nothing: the run directory of a ScoreConfig is not used
-    result = _run(lambda: estimate_run(_config(ScoreConfig, params, run_dir=""), rate, show_progress=not quiet))
+    result = _run(lambda: estimate_run(_config(EstimateConfig, params), rate, show_progress=not quiet))
     if not quiet:
         typer.echo("\n".join(describe(result)))
 
@@ -478,29 +488,28 @@ def report_command(
 
 @app.command("eval-refs")
 def eval_refs_command(
-    inputs: Annotated[list[str], typer.Argument(help="Labelled JSONL files (any row shape `filter` reads), filtered together in this order.")],
+    inputs: Annotated[list[str], typer.Argument(help=_field(EvalRefsConfig, "inputs").metadata["help"])],
     safety_model: SafetyModel, utility_model: UtilityModel,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for input.jsonl, run/ (resumable), filtered/, eval-refs.json and eval-refs.png.")],
-    base_model: BaseModel = None, ratio: Ratio = 0.2,
-    label_column: Annotated[str, typer.Option("--label-column", help="The field naming each row's group.")] = "label",
-    positive: Annotated[str, typer.Option("--positive", help="The group the references should flag; every other group is compared with it.")] = "harmful",
-    source_column: Annotated[str, typer.Option("--source-column", help="The field naming each row's source (up to its first / or #), for the per-source table and the in/out-of-source bookkeeping; a `family` field, where a row has one, names its source family instead.")] = "source",
+    output: Annotated[Path, opt(EvalRefsConfig, "output", "--output", "-o")],
+    base_model: BaseModel = None, ratio: Annotated[float, opt(EvalRefsConfig, "ratio")] = 0.2,
+    label_column: Annotated[str, opt(EvalRefsConfig, "label_column")] = "label",
+    positive: Annotated[str, opt(EvalRefsConfig, "positive")] = "harmful",
+    source_column: Annotated[str, opt(EvalRefsConfig, "source_column")] = "source",
     template: Template = "chat", max_length: MaxLength = None, dtype: Dtype = "auto", device: Device = "auto",
     max_batch_tokens: BatchTokens = None, trust_remote_code: RemoteCode = False,
     allow_pickle_weights: AllowPickle = False,
     rounds: Rounds = 1, refine_epochs: RefineEpochs = 1.0, refine_learning_rate: RefineRate = 1e-4,
-    refine_batch_size: RefineBatch = 16, refine_micro_batch_size: RefineMicroBatch = 4,
+    refine_batch_size: RefineBatch = 16, refine_micro_batch_size: RefineMicroBatch = 4, refine_seed: RefineSeed = 42,
     quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
     """Measure how well two references separate a positive group (harmful) from every other group of labelled
     rows, through the real pipeline at --ratio: masked share per group, AUROC of the per-row masked share and
     mean score, and the share of rows losing more than half their response tokens."""
-    from toss_filter.eval_refs import EvalRefsConfig, evaluate_references, source_table, summary_table
+    from toss_filter.eval_refs import evaluate_references, source_table, summary_table
 
     params = dict(locals())
-    refine = RefineConfig(rounds, refine_epochs, refine_learning_rate, refine_batch_size, refine_micro_batch_size)
     result = _run(lambda: evaluate_references(_config(EvalRefsConfig, params), show_progress=not quiet,
-                                              refine=refine))
+                                              refine=_config(RefineConfig, params, prefix="refine_")))
     if not quiet:
         from rich.console import Console
 
@@ -513,12 +522,6 @@ def eval_refs_command(
         typer.echo(f"plot:     skipped: {result['plot_skipped']}", err=True)
     elif not quiet:
         typer.echo(f"plot:     {result['plot']}")
-
-
-def _write_report(run_dir: Path) -> Path:
-    from toss_filter.report import write_report
-
-    return write_report(run_dir, run_dir / "report.html")
 
 
 def _configure_logging(verbose: bool) -> None:

@@ -51,8 +51,9 @@ from toss_filter.config import ScoreConfig
 from toss_filter.data.load import load_conversations
 from toss_filter.data.tokenize import ConversationTokenizer, resolve_format
 from toss_filter.score.base import TokenRow
-from toss_filter.score.models import ROLES, ReferenceModels
-from toss_filter.steps.progress import Progress
+from toss_filter.score.base import REFERENCE_ROLES
+from toss_filter.score.models import ReferenceModels
+from toss_filter.progress import Progress
 from toss_filter.steps.score import CONTEXT_FIELDS, build_references
 from toss_filter.steps.tokenize import rows_to_read
 
@@ -72,15 +73,15 @@ def estimate_run(config: ScoreConfig, rate: float | None = None, show_progress: 
     load_s = None
     if rate is None:
         started = time.perf_counter()
-        model = references.model_for(ROLES[0])  # loads the weights, and merges a LoRA in place where scoring does
+        model = references.model_for(REFERENCE_ROLES[0])  # loads the weights, and merges a LoRA in place where scoring does
         load_s = time.perf_counter() - started
         rate, measured_tokens = measure_rate(references, model, sample, batch_tokens)
         rate_source = f"measured here on {measured_tokens:,} tokens of the input"
         peak_bytes = peak_memory(references.device)
     else:
         rate_source, peak_bytes = "given (--rate)", None
-    score_s = counts["tokens"] * len(ROLES) / rate
-    model_config = text_config(references, ROLES[0])
+    score_s = counts["tokens"] * len(REFERENCE_ROLES) / rate
+    model_config = text_config(references, REFERENCE_ROLES[0])
     return counts | {
         "context": context(references), "device": references.device, "dtype": str(references.dtype).removeprefix("torch."),
         "batch_tokens": batch_tokens, "rate": rate, "rate_source": rate_source, "load_s": load_s,
@@ -167,7 +168,7 @@ def text_config(references: ReferenceModels, role: str) -> Any:
 def context(references: ReferenceModels) -> int | None:
     """The references' context in tokens (the smaller of the two), as `steps.score.check_context` reads it."""
     limits = []
-    for role in ROLES:
+    for role in REFERENCE_ROLES:
         model_config = text_config(references, role)
         limits += [getattr(model_config, name) for name in CONTEXT_FIELDS if getattr(model_config, name, None)][:1]
     return min(limits, default=None)

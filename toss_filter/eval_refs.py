@@ -29,62 +29,17 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from toss_filter.config import RefineConfig, ScoreConfig, SelectConfig, as_dict
+from toss_filter.config import EvalRefsConfig, RefineConfig, ScoreConfig, SelectConfig, as_dict
 from toss_filter.data.provenance import UNKNOWN, row_family
 from toss_filter.errors import ConfigError, InputError
 from toss_filter.files import atomic_write_text
 
 LOSES_HALF = 0.5  # a row "loses more than half" when its masked share is above this
-
-
-@dataclass
-class EvalRefsConfig:
-    """Which references to evaluate, on which labelled rows.
-
-    > Data
-    - `inputs`: JSONL files of labelled rows in any row shape `filter` reads; concatenated in this order.
-    - `label_column`: the field that names each row's group (default `label`).
-    - `positive`: the group the references should flag (default `harmful`); every other group is compared with it.
-    - `source_column`: the field naming each row's source, for the per-source lines (default `source`; a row
-      without it counts as source "-").
-
-    > Models (as for `filter`, see `ScoreConfig`)
-    - `safety_model`, `utility_model`, `base_model`, `template`, `max_length`, `dtype`, `device`,
-      `max_batch_tokens`, `trust_remote_code`, `allow_pickle_weights`.
-
-    > Selection and output
-    - `ratio`: share of all scored response tokens masked (global top-k, as `filter --ratio`).
-    - `output`: the directory for input.jsonl, run/, filtered/, eval-refs.json and eval-refs.png.
-    """
-
-    inputs: list[str]
-    safety_model: str
-    utility_model: str
-    output: str
-    base_model: str | None = None
-    label_column: str = "label"
-    positive: str = "harmful"
-    source_column: str = "source"
-    ratio: float = 0.2
-    template: str = "chat"
-    max_length: int | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    max_batch_tokens: int | None = None
-    trust_remote_code: bool = False
-    allow_pickle_weights: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.inputs:
-            raise ConfigError("eval-refs needs at least one labelled input file")
-        if not 0.0 < self.ratio < 1.0:
-            raise ConfigError(f"--ratio must be within (0, 1), got {self.ratio}")
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float | None:
@@ -134,28 +89,26 @@ def read_labels(paths: list[str], label_column: str, source_column: str = "sourc
 def row_metrics(run_dir: str | Path) -> dict[str, np.ndarray]:
     """Per input row, from RUN_DIR/token_scores: `response_tokens` (scored), `masked_share` of them and
     `mean_score` (NaN for a row with no scored response token), indexed by the input's row number."""
-    from datasets import load_from_disk
+    from toss_filter.run import RunDir, ShardFiles, check_output_set
 
-    from toss_filter.run import list_column
-
-    sidecar = Path(run_dir) / "token_scores"
-    if not sidecar.exists():
-        raise ConfigError(f"{run_dir}: no token_scores/; run `toss-filter select` (or `filter`) on it first")
-    table = load_from_disk(str(sidecar)).data.table
-    scores, offsets = list_column(table, "score")
-    unsafe, _ = list_column(table, "unsafe")
-    rows = table.column("row").to_numpy()
-    scored = ~np.isnan(scores)
-    token_row = np.repeat(np.arange(len(rows)), np.diff(offsets))[scored]
-    count = np.bincount(token_row, minlength=len(rows))
-    masked = np.bincount(token_row, weights=unsafe[scored].astype(np.float64), minlength=len(rows))
-    total = np.bincount(token_row, weights=scores[scored].astype(np.float64), minlength=len(rows))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        share, mean = masked / count, total / count
-    size = int(rows.max()) + 1 if len(rows) else 0
+    run = RunDir(run_dir)
+    check_output_set(run)
+    files = ShardFiles.current(run)
+    per_shard = []
+    for shard in map(files.sidecar, range(len(run.sidecar_files()))):
+        scored = ~np.isnan(shard.score)
+        token_row, rows = shard.token_row[scored], len(shard.row_ids)
+        count = np.bincount(token_row, minlength=rows)
+        masked = np.bincount(token_row, weights=shard.unsafe[scored].astype(np.float64), minlength=rows)
+        total = np.bincount(token_row, weights=shard.score[scored].astype(np.float64), minlength=rows)
+        per_shard.append((shard.row_ids, count, masked, total))
+    size = max((int(ids.max()) + 1 for ids, *_ in per_shard if len(ids)), default=0)
     result = {name: np.full(size, np.nan) for name in ("masked_share", "mean_score")}
     result["response_tokens"] = np.zeros(size, dtype=np.int64)
-    result["masked_share"][rows], result["mean_score"][rows], result["response_tokens"][rows] = share, mean, count
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for ids, count, masked, total in per_shard:
+            result["masked_share"][ids], result["mean_score"][ids] = masked / count, total / count
+            result["response_tokens"][ids] = count
     return result
 
 
@@ -261,13 +214,9 @@ def evaluate_references(config: EvalRefsConfig, show_progress: bool = True,
     text = "".join(row.line + "\n" for row in rows)
     if not combined.exists() or combined.read_text(encoding="utf-8") != text:  # unchanged: the run resumes
         atomic_write_text(combined, text)
-    score = ScoreConfig(
-        input=str(combined), safety_model=config.safety_model, utility_model=config.utility_model,
-        run_dir=str(out / "run"), base_model=config.base_model, template=config.template,
-        max_length=config.max_length, dtype=config.dtype, device=config.device,
-        max_batch_tokens=config.max_batch_tokens, trust_remote_code=config.trust_remote_code,
-        allow_pickle_weights=config.allow_pickle_weights)
-    select = SelectConfig(run_dir=score.run_dir, output=str(out / "filtered"), ratio=config.ratio, keep_empty=True)
+    score = ScoreConfig(input=str(combined), run_dir=str(out / "run"), **config.models())
+    select = SelectConfig(run_dir=score.run_dir, output=str(out / "filtered"), ratio=config.ratio, keep_empty=True,
+                          report=False)
     try:
         stats = filter_dataset(score, select, show_progress=show_progress, refine=refine)
     except InputError as err:  # name the user's file and row, not the concatenation's

@@ -38,7 +38,7 @@ from huggingface_hub.errors import HFValidationError
 from toss_filter.data.tokenize import IGNORE_INDEX
 from toss_filter.errors import ConfigError, TossError
 from toss_filter.report import fmt, per_row
-from toss_filter.run import RunDir, default_run_dir, list_column
+from toss_filter.run import COMMIT_FILE, RunDir, ShardFiles, check_output_set, default_run_dir
 
 SPLIT, DATA_DIR = "train", "data"
 SHARD_BYTES = 500 * 10**6  # datasets' own default shard size; fixed here so the uploaded file names are known
@@ -79,9 +79,9 @@ def dataset_card(output: Path, run_dir: Path, repo_id: str) -> str:
     check_repo_id(repo_id)
     dataset = _load_output(Path(output))
     run = RunDir(run_dir)
-    if not (run.path / "stats.json").exists():
+    if not (run.path / "stats.json").exists() and not (run.path / COMMIT_FILE).exists():
         raise ConfigError(f"{run.path} holds no stats.json: name the run directory of {output} with --run-dir")
-    stats = run.read_json("stats.json")
+    stats = check_output_set(run)
     if stats.get("rows_out") != len(dataset):
         raise ConfigError(f"{run.path}/stats.json counts {stats.get('rows_out')} output rows but {output} holds "
                           f"{len(dataset)}: this run directory describes another output")
@@ -369,11 +369,12 @@ def _statistics(stats: dict[str, Any]) -> str:
 
 def _positions(stats: dict[str, Any], run: RunDir) -> str:
     """The masked share by response position, in buckets of positions. stats.json holds the share at each of the
-    first 32 positions; each is weighted by how many responses reach that position (from tokens.arrow), and the
+    first 32 positions; each is weighted by how many responses reach that position (from the token shards), and the
     rest of the masked tokens fall after position 31."""
     shares = stats.get("masked_share_by_response_position") or []
-    labels, offsets = list_column(run.read_tokens(), "labels")
-    lengths = per_row(labels != IGNORE_INDEX, offsets)
+    files = ShardFiles.current(run)
+    lengths = np.concatenate([per_row(shard.labels != IGNORE_INDEX, shard.offsets)
+                              for shard in map(files.tokens, range(run.read_json("run.json")["shards"]))])
     counts = np.array([int((lengths > p).sum()) for p in range(len(shares))], dtype=np.int64)
     masked = np.array([(share or 0.0) * count for share, count in zip(shares, counts)])
     buckets = [(f"{lo}" if hi - lo == 1 else f"{lo}–{hi - 1}", counts[lo:hi].sum(), masked[lo:hi].sum())

@@ -42,11 +42,12 @@ from datasets import Dataset
 
 from toss_filter.config import RefineConfig, ScoreConfig, SelectConfig, as_dict
 from toss_filter.data.tokenize import IGNORE_INDEX
-from toss_filter.data.write import list_array
+from toss_filter.arrow import list_array
 from toss_filter.errors import ConfigError
 from toss_filter.files import atomic_file, atomic_write_text, link_or_copy
 from toss_filter.plan import write_table
-from toss_filter.run import RunDir, content_key, model_fingerprint
+from toss_filter.run import SCORES_SCHEMA, RunDir, ShardFiles
+from toss_filter.fingerprint import content_key, model_fingerprint
 from toss_filter.score.models import resolve_device, resolve_dtype, resolve_spec
 from toss_filter.score.torch_backend import TorchScorer
 from toss_filter.select.rules import choose_unsafe
@@ -122,9 +123,8 @@ def refine_rounds(score_config: ScoreConfig, select_config: SelectConfig, refine
     from transformers import AutoModelForCausalLM
 
     from toss_filter.score.models import load_tokenizer, mergeable
-    from toss_filter.steps.progress import console
-    from toss_filter.steps.score import check_scored, token_rows
-    from toss_filter.steps.select import ShardReader
+    from toss_filter.progress import console
+    from toss_filter.steps.score import check_scored
     from toss_filter.train import fit_adapter, save_adapter
 
     check_refinable(score_config, select_config)
@@ -133,8 +133,8 @@ def refine_rounds(score_config: ScoreConfig, select_config: SelectConfig, refine
     run = RunDir(score_config.run_dir)
     state = run.read_json("run.json")
     plan = check_scored(run, state)
-    reader = ShardReader(str(run.path), state["tokens_key"], state["score_key"])
-    shards = [reader.read(shard) for shard in range(plan.shards)]
+    files = ShardFiles(str(run.path), state["tokens_key"], state["score_key"])
+    shards = [files.scored(shard) for shard in range(plan.shards)]
     input_ids = np.concatenate([s.input_ids for s in shards])
     labels = np.concatenate([s.labels for s in shards])
     lengths = np.concatenate([np.diff(s.offsets) for s in shards])
@@ -146,7 +146,7 @@ def refine_rounds(score_config: ScoreConfig, select_config: SelectConfig, refine
     device = resolve_device(score_config.device)
     dtype = resolve_dtype(score_config.dtype, device)  # θs is re-scored in the dtype θu was scored in
     tokenizer = load_tokenizer(spec, score_config.trust_remote_code)
-    rows = token_rows(input_ids, labels, offsets, range(len(lengths)))
+    rows = [row for shard in shards for row in shard.rows(range(len(shard.row_ids)))]
 
     checkpoint_key = content_key({"first_round": state["score_key"], **as_dict(refine) | {"rounds": None},
                                   **select_config.flagging()})
@@ -201,12 +201,14 @@ def refine_rounds(score_config: ScoreConfig, select_config: SelectConfig, refine
             "refined": {"first_round": state["score_key"], **as_dict(refine), **select_config.flagging()},
         }
         key = content_key(payload)
-        for shard, span in enumerate(map(plan.span, range(plan.shards))):
-            start, stop = offsets[span.start], offsets[span.stop]
+        start = 0  # the shards' tokens are concatenated in shard order; each keeps its own row offsets
+        for shard, data in enumerate(shards):
+            stop = start + int(data.offsets[-1])
             write_table(run.score_shard(key, "safety", shard), pa.table({
-                "row": shards[shard].row_ids,
-                "nll": list_array(nll_safety[start:stop], offsets[span.start:span.stop + 1] - start, pa.float32())}))
+                "row": pa.array(data.row_ids, pa.int64()),
+                "nll": list_array(nll_safety[start:stop], data.offsets, pa.float32())}, schema=SCORES_SCHEMA))
             link_or_copy(run.score_shard(state["score_key"], "utility", shard), run.score_shard(key, "utility", shard))
+            start = stop
         atomic_write_text(run.scores_dir(key) / "key.json", json.dumps(payload, indent=1) + "\n")
         state |= {"first_round_score_key": state["score_key"], "score_key": key}
     run.write_json("run.json", state | {"rounds": entries, "refine": as_dict(refine) | {"flagged_with": select_config.flagging()}})

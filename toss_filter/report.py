@@ -31,13 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 from transformers import AutoTokenizer
 
 from toss_filter.data.tokenize import IGNORE_INDEX
-from toss_filter.errors import ConfigError
 from toss_filter.files import atomic_write_text
-from toss_filter.run import RunDir, list_column
+from toss_filter.run import RunDir, ShardFiles, SidecarShard, check_output_set
 
 BINS = 40
 MAX_ROW_TOKENS = 2000
@@ -74,16 +72,14 @@ def write_report(run_dir: str | Path, output: str | Path, *, rows_shown: int = 2
     """Write the HTML report of `run_dir` to `output` (atomically) and return its path. Shows the `rows_shown`
     most-masked rows and a random sample (seeded by `seed`) of `rows_shown` rows."""
     run = RunDir(run_dir)
-    if not (run.path / "stats.json").exists():
-        raise ConfigError(f"{run.path} holds no stats.json: run `toss-filter select` (or `filter`) into it first")
-    stats = run.read_json("stats.json")
+    stats = check_output_set(run)
     shards = ReportShards(run)
     cut, cut_label = cutoff(stats)
     # One scale for the histogram and every row, so that a colour means the same score everywhere on the page.
     stride = max(1, -(-int(stats.get("scored_tokens") or 0) // SCALE_SAMPLE))
     sampled, candidates, rows = [], [], 0
     for shard in shards:
-        finite = shard.scores[np.isfinite(shard.scores)]
+        finite = shard.score[np.isfinite(shard.score)]
         sampled.append(finite[::stride])
         masked, response = per_row(shard.unsafe, shard.offsets), per_row(shard.labels != IGNORE_INDEX, shard.offsets)
         top = most_masked(masked, response, rows_shown)
@@ -94,7 +90,7 @@ def write_report(run_dir: str | Path, output: str | Path, *, rows_shown: int = 2
     masked, response, index = (np.concatenate(part) for part in zip(*candidates)) if candidates else ([],) * 3
     top = [int(index[i]) for i in most_masked(np.asarray(masked), np.asarray(response), rows_shown)]
     sample = [int(i) for i in np.sort(np.random.default_rng(seed).choice(rows, min(rows_shown, rows), replace=False))]
-    histogram = score_histogram(lambda: ((s.scores, s.unsafe) for s in shards), cut, scale)
+    histogram = score_histogram(lambda: ((s.score, s.unsafe) for s in shards), cut, scale)
     tokenizer, tokenizer_note = load_tokenizer(stats.get("models") or run.read_json("run.json").get("models", {}))
     wanted = [("top", i) for i in top] + [("sample", i) for i in sample]
     shown: dict[tuple[str, int], str] = {}
@@ -102,8 +98,8 @@ def write_report(run_dir: str | Path, output: str | Path, *, rows_shown: int = 2
         for kind, i in [(kind, i) for kind, i in wanted if first <= i < first + len(shard.row_ids)]:
             j = i - first
             span = slice(shard.offsets[j], shard.offsets[j + 1])
-            shown[kind, i] = render_row(f"{kind}-{shard.row_ids[j]}", int(shard.row_ids[j]), shard.ids[span],
-                                        shard.labels[span], shard.scores[span], shard.unsafe[span], tokenizer,
+            shown[kind, i] = render_row(f"{kind}-{shard.row_ids[j]}", int(shard.row_ids[j]), shard.input_ids[span],
+                                        shard.labels[span], shard.score[span], shard.unsafe[span], tokenizer,
                                         scale, bool(shard.truncated[j]))
 
     def rows_html(kind: str, chosen: list[int]) -> str:
@@ -223,43 +219,16 @@ def score_histogram(chunks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]
     return {"edges": edges, "total": total, "masked": masked}
 
 
-@dataclass
-class ReportShard:
-    row_ids: np.ndarray
-    ids: np.ndarray
-    labels: np.ndarray
-    offsets: np.ndarray
-    truncated: np.ndarray
-    scores: np.ndarray
-    unsafe: np.ndarray
-
-
 class ReportShards:
-    """The run's token shards beside the sidecar's files, one shard at a time (they hold the same rows)."""
+    """The run's token shards beside the sidecar's, one shard at a time (`run.ShardFiles.sidecar`)."""
 
     def __init__(self, run: RunDir):
-        self.run, self.state = run, run.read_json("run.json")
-        sidecar = run.path / "token_scores"
-        files = json.loads((sidecar / "state.json").read_text())["_data_files"] if sidecar.exists() else []
-        self.files = [sidecar / f["filename"] for f in files]
-        if len(self.files) != self.state["shards"]:
-            raise ConfigError(f"{run.path}: token_scores/ does not match the token shards; re-run `toss-filter select`")
+        self.files, self.shards = ShardFiles.current(run), len(run.sidecar_files())
 
-    def __iter__(self) -> Iterator[ReportShard]:
-        for shard, path in enumerate(self.files):
-            tokens = self.run.read_token_shard(self.state["tokens_key"], shard)
-            sidecar = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
-            ids, offsets = list_column(tokens, "input_ids")
-            labels, _ = list_column(tokens, "labels")
-            scores, score_offsets = list_column(sidecar, "score")
-            unsafe, _ = list_column(sidecar, "unsafe")
-            if not np.array_equal(offsets, score_offsets):
-                raise ConfigError(f"{self.run.path}: token_scores/ does not match the token shards; re-run "
-                                  "`toss-filter select`")
-            yield ReportShard(tokens.column("row").to_numpy(), ids, labels, offsets,
-                              tokens.column("truncated").to_numpy(zero_copy_only=False), scores, unsafe.astype(bool))
+    def __iter__(self) -> Iterator[SidecarShard]:
+        return (self.files.sidecar(shard) for shard in range(self.shards))
 
-    def with_first_rows(self) -> Iterator[tuple[ReportShard, int]]:
+    def with_first_rows(self) -> Iterator[tuple[SidecarShard, int]]:
         first = 0
         for shard in self:
             yield shard, first

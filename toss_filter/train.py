@@ -29,7 +29,6 @@ import json
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,48 +39,16 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
+from toss_filter.config import TrainRefConfig
 from toss_filter.data.load import load_conversations
 from toss_filter.data.provenance import UNKNOWN, data_families
 from toss_filter.data.tokenize import IGNORE_INDEX, ConversationTokenizer, resolve_format, tokenize_rows
 from toss_filter.default_model import resolve_model_path
 from toss_filter.errors import ConfigError
 from toss_filter.files import replace_dir, staging_dir
-from toss_filter.run import package_versions, tokens_digest
-from toss_filter.steps.progress import Progress
-
-
-@dataclass
-class TrainRefConfig:
-    """A reference adapter: which data, which base, which LoRA and optimiser settings (defaults: the paper's).
-    `data`: one input, or several trained on together in order (`max_rows` counts over all of them)."""
-
-    data: str | list[str]
-    base_model: str
-    output: str
-    split: str | None = None
-    columns: dict[str, str] = field(default_factory=dict)
-    template: str = "chat"
-    max_length: int = 2048
-    max_rows: int | None = None
-    rank: int = 16
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    learning_rate: float = 1e-5
-    epochs: float = 2.0
-    batch_size: int = 64
-    micro_batch_size: int = 4
-    seed: int = 42
-    trust_remote_code: bool = False
-    init_adapter: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
-            raise ConfigError("--batch-size must be a positive multiple of --micro-batch-size")
-        if self.learning_rate <= 0 or self.epochs <= 0 or self.rank < 1:
-            raise ConfigError("--learning-rate, --epochs and --rank must be positive")
-        if self.max_rows is not None and self.max_rows < 1:
-            raise ConfigError("--max-rows must be positive")
+from toss_filter.fingerprint import package_versions, tokens_digest
+from toss_filter.progress import Progress
+from toss_filter.score.models import read_adapter_config
 
 
 class _StepProgress(TrainerCallback):
@@ -237,6 +204,9 @@ def _check_init_adapter(config: TrainRefConfig) -> None:
     weights it never saw)."""
     from peft import PeftConfig
 
+    adapter = Path(config.init_adapter)
+    if (adapter / "adapter_config.json").is_file():
+        read_adapter_config(adapter, "--init-adapter")  # named as a broken file, not as peft's bare parse error
     try:
         adapter_base = PeftConfig.from_pretrained(config.init_adapter).base_model_name_or_path
     except (OSError, ValueError) as err:

@@ -30,7 +30,6 @@ training file of any fold. Standard library only, deterministic. Usage::
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import random
 import sys

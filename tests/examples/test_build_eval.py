@@ -7,11 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO, offline_data
 
 DATA = REPO / "examples" / "data"
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_build_eval_rebuilds_every_bundled_file_byte_for_byte(tmp_path: Path):
     shared = offline_data()
     subprocess.run([sys.executable, str(DATA / "build_eval.py"), "--shared", str(shared), "--out", str(tmp_path)],

@@ -58,6 +58,8 @@ def test_a_held_out_family_asked_to_train_is_refused():
         build_lso.fold_files(tiny_parts(), "tiny", spec)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_build_lso_rebuilds_every_bundled_fold_file_byte_for_byte(tmp_path: Path):
     shared = offline_data()
     subprocess.run([sys.executable, str(DATA / "build_lso.py"), "--shared", str(shared), "--out", str(tmp_path)],

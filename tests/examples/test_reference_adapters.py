@@ -17,8 +17,9 @@ from transformers import AutoTokenizer
 from conftest import REPO
 from toss_filter.cli import _config, app
 from toss_filter.default_model import resolve_model_path
-from toss_filter.run import tokens_digest
-from toss_filter.train import TrainRefConfig, training_tokens
+from toss_filter.fingerprint import tokens_digest
+from toss_filter.config import TrainRefConfig
+from toss_filter.train import training_tokens
 
 
 MAKE_VARIABLES = ("REF_BASE", "REFS", "UTILITY_DATA", "SAFETY_DATA", "REF_RECIPE")

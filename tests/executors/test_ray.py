@@ -20,7 +20,9 @@ from toss_filter.errors import ConfigError  # noqa: E402
 from toss_filter.executors import make_executor  # noqa: E402
 from toss_filter.executors import ray as ray_executor  # noqa: E402
 from toss_filter.executors.ray import RayExecutor  # noqa: E402
-from toss_filter.steps.score import ScoreJob, ShardScorer, score_step  # noqa: E402
+from toss_filter.executors.base import Placement  # noqa: E402
+from toss_filter.steps import score as score_module  # noqa: E402
+from toss_filter.steps.score import ShardScorer, absolute_paths, placed_config, score_step  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -67,46 +69,51 @@ def assert_same_as_local(run_dir: Path, summary: dict, local_run) -> None:
     assert not list(run_dir.glob(".ray-probe-*"))
 
 
-def ray_score(data, models, run_dir, executor_config, **kwargs):
-    with RayExecutor(executor_config, **kwargs) as executor:
-        summary = score_step(config(data, models, run_dir), executor, show_progress=False,
-                             executor_config=executor_config)
+def ray_score(data, models, run_dir, executor_config):
+    with RayExecutor(executor_config) as executor:
+        summary = score_step(config(data, models, run_dir), executor, show_progress=False)
         return summary, executor.last_run
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_ray_matches_local(ray_session, data, tiny_models, local_run, tmp_path):
     summary, last = ray_score(data, tiny_models, tmp_path / "run", ExecutorConfig(executor="ray", replicas=2))
     assert_same_as_local(tmp_path / "run", summary, local_run)
     assert summary["provenance"]["executor"] == "ray" and summary["scorer"]["backend"] == "torch"
-    assert sum(replica["units"] for replica in last["replicas"]) == 12  # 6 shards × 2 roles
+    assert sum(worker["units"] for worker in last["workers"]) == 12  # 6 shards × 2 roles
     assert ray.is_initialized()  # a Ray the executor did not start stays up
 
 
 class CrashOnceScorer(ShardScorer):
     """Kills its worker process on the first unit of the run, once (the marker file beside the run directory)."""
 
-    def score(self, unit, on_batch=None):
+    def __call__(self, unit, on_progress=None):
         marker = Path(self.job.config.run_dir).parent / "crashed"
         try:
             os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
         except FileExistsError:
-            return super().score(unit, on_batch)
+            return super().__call__(unit, on_progress)
         os._exit(1)
 
 
-def test_killed_replica_is_restarted(ray_session, data, tiny_models, local_run, tmp_path):
-    summary, last = ray_score(data, tiny_models, tmp_path / "run", ExecutorConfig(executor="ray", replicas=2),
-                              scorer_class=CrashOnceScorer)
+@pytest.mark.ray
+@pytest.mark.slow
+def test_killed_replica_is_restarted(ray_session, data, tiny_models, local_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(score_module, "ShardScorer", CrashOnceScorer)  # the workers the pool builds
+    summary, last = ray_score(data, tiny_models, tmp_path / "run", ExecutorConfig(executor="ray", replicas=2))
     assert (tmp_path / "crashed").exists()
     assert_same_as_local(tmp_path / "run", summary, local_run)
-    assert sum(replica["units"] for replica in last["replicas"]) == 12  # every unit once, the retried one too
+    assert sum(worker["units"] for worker in last["workers"]) == 12  # every unit once, the retried one too
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_logical_gpus(ray_session, data, tiny_models, local_run, tmp_path):
     summary, last = ray_score(data, tiny_models, tmp_path / "run",
                               ExecutorConfig(executor="ray", replicas=2, gpus_per_replica=1))
-    replicas = last["replicas"]
-    assert len({replica["actor"] for replica in replicas}) == 2
+    replicas = last["workers"]
+    assert len({replica["worker"] for replica in replicas}) == 2
     assert sorted(replica["gpu_ids"] for replica in replicas) == ["0", "1"]
     assert summary["scorer"]["device"] == "cpu"  # a logical GPU is not a real one: torch stays on the CPU
     assert_same_as_local(tmp_path / "run", summary, local_run)
@@ -120,6 +127,8 @@ def refuse(shard: int) -> None:
     raise ConfigError(f"shard {shard} is unusable")
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_map_shards(ray_session):
     executor = RayExecutor(ExecutorConfig(executor="ray"))
     shards = [5, 3, 9, 0, 7, 1]
@@ -139,6 +148,8 @@ def wait_for_free_cpus() -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_run_dir_the_workers_do_not_see(ray_session, data, tiny_models, tmp_path, monkeypatch):
     def unseen_probe(run_dir):  # as if the workers mounted another directory at the same path
         path, token = write_probe(run_dir)
@@ -156,6 +167,8 @@ def test_run_dir_the_workers_do_not_see(ray_session, data, tiny_models, tmp_path
     wait_for_free_cpus()
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_worker_error_is_one_line(ray_session, data, tiny_models, tmp_path):
     """An adapter that does not fit its base fails when the replica loads it: the user gets the ConfigError of the
     local path, in one line, with the shard and role."""
@@ -164,20 +177,18 @@ def test_worker_error_is_one_line(ray_session, data, tiny_models, tmp_path):
         score_step(bad, executor, show_progress=False)
     message = str(caught.value)
     assert "\n" not in message and "does not fit the base model" in message
-    assert message.startswith("scoring shard 0 (safety) on ")
+    assert message.startswith("score: shard 0 (safety) on ")
     wait_for_free_cpus()
 
 
-def test_vllm_replicas_run_tensor_parallel(tmp_path):
+def test_vllm_workers_run_tensor_parallel_over_their_gpus(tmp_path):
     """Only the config: vLLM on Ray needs a GPU cluster, which the tests do not have."""
-    vllm = ScoreJob(ScoreConfig("in.jsonl", "safety", "utility", str(tmp_path / "run"), backend="vllm"), "t", "s")
-    job = ray_executor.replica_job(vllm, ExecutorConfig(executor="ray", gpus_per_replica=2, cpus_per_replica=4))
-    assert job.config.tensor_parallel_size == 2 and job.threads == 4
-    assert job.config.run_dir == str((tmp_path / "run").resolve())
-    assert ray_executor.replica_job(vllm, ExecutorConfig(executor="ray", gpus_per_replica=1)).config.tensor_parallel_size == 1
-    torch_job = ScoreJob(ScoreConfig("in.jsonl", "safety", "utility", str(tmp_path)), "t", "s")
-    assert ray_executor.replica_job(torch_job, ExecutorConfig(executor="ray", gpus_per_replica=2)).config.tensor_parallel_size == 1
+    vllm = ScoreConfig("in.jsonl", "safety", "utility", str(tmp_path / "run"), backend="vllm")
+    assert placed_config(vllm, Placement(threads=4, gpus=2)).tensor_parallel_size == 2
+    assert placed_config(vllm, Placement(gpus=1)).tensor_parallel_size == 1
+    assert absolute_paths(vllm).run_dir == str((tmp_path / "run").resolve())
+    torch_config = ScoreConfig("in.jsonl", "safety", "utility", str(tmp_path))
+    assert placed_config(torch_config, Placement(gpus=2)).tensor_parallel_size == 1
     with pytest.raises(ConfigError, match="--tensor-parallel-size 4"):
-        ray_executor.replica_job(ScoreJob(ScoreConfig("in.jsonl", "s", "u", str(tmp_path), backend="vllm",
-                                                      tensor_parallel_size=4), "t", "s"),
-                                 ExecutorConfig(executor="ray", gpus_per_replica=2))
+        placed_config(ScoreConfig("in.jsonl", "s", "u", str(tmp_path), backend="vllm", tensor_parallel_size=4),
+                      Placement(gpus=2))

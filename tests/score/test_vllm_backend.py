@@ -23,11 +23,12 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from conftest import chat, write_jsonl
+from conftest import chat, run_nll, write_jsonl
 from toss_filter import ScoreConfig, SelectConfig, filter_dataset, score_dataset, select_dataset
 from toss_filter.cli import _vllm_args, app
 from toss_filter.errors import ConfigError
-from toss_filter.run import RunDir, list_column
+from toss_filter.run import RunDir
+from toss_filter.arrow import list_column
 from toss_filter.score import vllm_backend
 from toss_filter.score.base import scored_positions
 from toss_filter.score.models import ModelSpec, ReferenceModels, resolve_spec
@@ -179,6 +180,7 @@ def summary_shards(config: ScoreConfig) -> int:
     return RunDir(config.run_dir).read_json("run.json")["shards"]
 
 
+@pytest.mark.slow
 def test_both_roles_per_shard_path_resumes_and_matches_the_role_by_role_path(tmp_path, tiny_models, monkeypatch):
     """The two orders of work a scorer can ask for (steps/score.units): one role over every shard, then the other
     (the vLLM backend with two engines; float32 LoRA merged in place), or both roles shard by shard; interrupted and
@@ -244,10 +246,7 @@ def runs(tmp_path_factory, adapters) -> dict[str, Path]:
 
 
 def _scores(run_dir: Path) -> dict[str, np.ndarray]:
-    run = RunDir(run_dir)
-    state = run.read_json("run.json")
-    table = run.read_scores(state["score_key"], state["shards"])
-    return {role: list_column(table, f"nll_{role}")[0] for role in ("safety", "utility")}
+    return run_nll(run_dir)
 
 
 @needs_vllm

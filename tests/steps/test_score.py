@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 from datasets import load_from_disk
 
-from conftest import REPO, chat, write_jsonl
+from conftest import REPO, chat, run_nll, write_jsonl
 from toss_filter import ScoreConfig, SelectConfig, filter_dataset, score_dataset, select_dataset
 from toss_filter.errors import ConfigError
-from toss_filter.run import RunDir, model_fingerprint
+from toss_filter.run import RunDir
+from toss_filter.fingerprint import model_fingerprint
 
 ROWS = [chat(f"Question {i}: " + "why? " * (i % 5), f"Answer {i}. " + "because " * (i % 9 + 1)) for i in range(23)]
 
@@ -42,6 +43,7 @@ def score_config(data, tiny_models, run_dir, **options):
                        shard_rows=4, device="cpu", **options)
 
 
+@pytest.mark.slow
 def test_slices_then_select_equal_one_run(tmp_path, data, tiny_models):
     whole = tmp_path / "whole"
     filter_dataset(score_config(data, tiny_models, whole), SelectConfig(str(whole), str(tmp_path / "whole-out")),
@@ -59,6 +61,7 @@ def test_slices_then_select_equal_one_run(tmp_path, data, tiny_models):
     assert output_bytes(tmp_path / "sliced-out") == output_bytes(tmp_path / "whole-out")
 
 
+@pytest.mark.slow
 def test_tokenizer_processes_give_the_same_shards(tmp_path, data, tiny_models):
     one = score_dataset(score_config(data, tiny_models, tmp_path / "one"), show_progress=False)
     two = score_dataset(score_config(data, tiny_models, tmp_path / "two", num_proc=2), show_progress=False)
@@ -67,6 +70,7 @@ def test_tokenizer_processes_give_the_same_shards(tmp_path, data, tiny_models):
     assert file_digests(tmp_path / "one", "scores") == file_digests(tmp_path / "two", "scores")
 
 
+@pytest.mark.slow
 def test_select_refuses_scores_of_other_tokens(tmp_path, data, tiny_models):
     run_dir = tmp_path / "run"
     state = score_dataset(score_config(data, tiny_models, run_dir), show_progress=False)
@@ -90,6 +94,8 @@ def test_weights_that_change_but_keep_their_size_are_another_model(tmp_path, tin
     assert model_fingerprint(str(model)) != before
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_driver_killed_with_sigkill_resumes_to_the_same_output(tmp_path, data, tiny_models):
     """A real process, killed at a real moment (after its first score file exists), then the same command again."""
     clean = tmp_path / "clean"
@@ -117,6 +123,7 @@ def test_a_driver_killed_with_sigkill_resumes_to_the_same_output(tmp_path, data,
     assert load_from_disk(str(out)).num_rows == json.loads((run_dir / "stats.json").read_text())["rows_out"]
 
 
+@pytest.mark.slow
 def test_one_shard_and_many_shards_give_the_same_scores_and_output(tmp_path, data, tiny_models):
     runs = {}
     for name, shard_rows in (("one", 1000), ("many", 3)):
@@ -126,11 +133,9 @@ def test_one_shard_and_many_shards_give_the_same_scores_and_output(tmp_path, dat
         runs[name] = filter_dataset(config, SelectConfig(str(run_dir), str(tmp_path / f"{name}-out")),
                                     show_progress=False)
         assert runs[name]["shards"] == -(-len(ROWS) // shard_rows)
-    scores = {name: RunDir(tmp_path / name).read_scores(RunDir(tmp_path / name).read_json("run.json")["score_key"],
-                                                        runs[name]["shards"]) for name in runs}
-    for column in ("nll_safety", "nll_utility"):  # bit for bit, NaN where unscored
-        one, many = (scores[name].column(column).combine_chunks().values.to_numpy() for name in ("one", "many"))
-        assert one.tobytes() == many.tobytes(), column
+    scores = {name: run_nll(tmp_path / name) for name in runs}
+    for role in ("safety", "utility"):  # bit for bit, NaN where unscored
+        assert scores["one"][role].tobytes() == scores["many"][role].tobytes(), role
     for suffix in ("-out", "-out-rejected"):
         one, many = (load_from_disk(str(tmp_path / f"{name}{suffix}")).data.table for name in ("one", "many"))
         assert one.equals(many), suffix
@@ -140,6 +145,7 @@ def test_one_shard_and_many_shards_give_the_same_scores_and_output(tmp_path, dat
         many.column("score").combine_chunks().values.to_numpy().tobytes()
 
 
+@pytest.mark.slow
 def test_a_row_longer_than_the_context_is_refused_before_scoring(tmp_path, tiny_models):
     data = write_jsonl(tmp_path / "long.jsonl", [chat("short", "fine"), chat("long " * 600, "answer " * 600)])
     with pytest.raises(ConfigError, match=r"long.jsonl: row 1 has \d+ tokens, more than the references' context "
@@ -149,6 +155,7 @@ def test_a_row_longer_than_the_context_is_refused_before_scoring(tmp_path, tiny_
     score_dataset(score_config(data, tiny_models, tmp_path / "run", max_length=1024), show_progress=False)
 
 
+@pytest.mark.slow
 def test_changing_one_reference_rescores_only_that_one(tmp_path, data, tiny_models):
     run_dir = tmp_path / "run"
     first = score_dataset(score_config(data, tiny_models, run_dir), show_progress=False)
@@ -168,6 +175,7 @@ def test_changing_one_reference_rescores_only_that_one(tmp_path, data, tiny_mode
             == file_digests(tmp_path / "fresh", "scores", fresh["score_key"]))
 
 
+@pytest.mark.slow
 def test_scores_under_a_key_that_is_not_its_own_are_never_reused(tmp_path, data, tiny_models):
     """A key.json that does not hash to its folder's name (edited, or renamed) cannot vouch for its scores."""
     import shutil

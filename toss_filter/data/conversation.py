@@ -9,7 +9,7 @@ Accepted row shapes (checked in this order; `--column canonical=actual` renames 
 
 Contract of each message in `Conversation.messages` (what the template receives; nothing the input carries is
 dropped: a key this module does not know is passed through unchanged, so a template that renders it renders it):
-- `role`: one of `ROLES`. ShareGPT `from` maps human → user, gpt → assistant, observation → tool, and
+- `role`: one of `CHAT_ROLES`. ShareGPT `from` maps human → user, gpt → assistant, observation → tool, and
   `function_call` (LLaMA-Factory) → an assistant turn whose `tool_calls` is the JSON call in `value`.
 - `content`: a string; or a list of text parts `{"type": "text", "text": str}` (a part of any other type is an
   error naming it); or None on an assistant turn that makes tool calls (the template gets "": transformers drops
@@ -39,7 +39,7 @@ from typing import Any
 
 from toss_filter.errors import InputError
 
-ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "observation": "tool", "tool": "tool", "function_call": "assistant"}
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
@@ -206,8 +206,8 @@ def _normalise_message(message: Any, source: str, row: int, where: str) -> dict[
             message["tool_calls"], content = [_json_value(content, dict, source, row, f"{where}.value")], None
     else:
         raise InputError(source, row, where, "missing 'role'")
-    if role not in ROLES:
-        raise InputError(source, row, f"{where}.role", f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
+    if role not in CHAT_ROLES:
+        raise InputError(source, row, f"{where}.role", f"unknown role {role!r} (expected one of {', '.join(CHAT_ROLES)})")
     normalised: dict[str, Any] = {"role": role, "content": _content(content, source, row, f"{where}.content")}
     spellings = [key for key in REASONING_KEYS if key in message]
     if len(spellings) > 1:

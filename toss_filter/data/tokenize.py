@@ -14,8 +14,12 @@ Contract of `Tokenized` for one `Conversation` (`toss_filter.data.conversation`)
   content, its reasoning, its tool calls, and the template's own markers between them that the model emits
   (`<think>` tags, a `<tool_call>` wrapper, a channel header) are response. System, user and tool turns, the tool
   schemas, the generation prompt and the text between turns are prompt. A template without a generation prompt
-  (the paper template) starts the response where the turn's first rendered field starts. A turn with
-  `weight: 0` is prompt. A token that straddles a boundary (" Sure" after "Assistant:") is a response token.
+  prompts with the conversation before the turn, so the response starts where that rendering ends when what
+  follows it, up to the turn's first field, is whitespace (Mistral-7B-v0.1's and Llama-2's `[/INST] ` + answer:
+  the model generates the space, `▁` on SentencePiece) or when it ends on a special token (Mistral-Nemo's
+  `[/INST]`); else (the paper template, whose `Assistant: ` is prompt) where the turn's first rendered field
+  starts. A turn with `weight: 0` is prompt. A token that straddles a boundary (" Sure" after "Assistant:") is a
+  response token.
 - `unscored`: positions of response tokens that are trained but not scored, the tokens of reasoning when
   `score_reasoning=False` (reasoning fields, and whole `<think>...</think>` blocks, tags included); else empty.
 - `truncated`: the conversation was longer than `max_length` and was cut to it.
@@ -289,7 +293,7 @@ class _Row:
         self.format = encode.chat_format
         self.tools = conversation.tools
         self.messages = [self._for_template(message) for message in conversation.messages]
-        self.endings: dict[str, str | None] = {}
+        self.endings: dict[str, str] = {}
 
     def _for_template(self, message: dict[str, Any]) -> dict[str, Any]:
         """The message as this template reads it: arguments as text for a template that concatenates them, parts
@@ -501,8 +505,10 @@ class _Row:
         """Where the model starts generating: after the generation prompt in the template text before the turn's
         first field (or the longest start of it that is there, down to its leading added token: DeepSeek-R1
         prompts `<｜Assistant｜><think>\\n`, and a training row without reasoning has no `<think>`). A template without a generation prompt starts the turn where the
-        rendering of the messages `before` it ends, when that ends on a special token (Mistral's `[/INST]`, so a
-        `[TOOL_CALLS]` header is response). None: at the turn's first field (the paper template)."""
+        rendering of the messages `before` it ends, when that ends on a special token (Mistral-Nemo's `[/INST]`, so
+        a `[TOOL_CALLS]` header is response) or only whitespace follows it up to the turn's first field (Mistral
+        v0.1's `[/INST] `: SentencePiece writes that space as a token of the answer, or alone before a digit or a
+        newline). None: at the turn's first field (the paper template)."""
         leading = self.encode.added_pattern.match(prompt)
         for length in range(len(prompt), leading.end() - 1 if leading else len(prompt) - 1, -1):
             found = text.rfind(prompt[:length], gap_start, limit)
@@ -510,26 +516,27 @@ class _Row:
                 return found + length
         if not before:
             return None
-        role = before[-1]["role"]
-        if role in self.endings and (self.endings[role] is None or text.startswith(self.endings[role], gap_start)):
-            ending = self.endings[role]
-        else:
+        ending = self.endings.get(before[-1]["role"])
+        if ending is None or not text.startswith(ending, gap_start):
             ending = self.prompt_ending(before)
-        if ending is not None and text.startswith(ending, gap_start):
-            return min(gap_start + len(ending), limit)
+        if ending is None or not text.startswith(ending, gap_start):
+            return None
+        end = gap_start + len(ending)
+        if self.encode.special_pattern.search(ending) or not text[end:limit].strip():
+            return min(end, limit)
         return None
 
     def prompt_ending(self, before: list[dict[str, Any]]) -> str | None:
-        """The template text that ends the rendering of `before` after its last field, when it holds a special
-        token. Remembered by the last message's role (`response_start` tries it first, so a long conversation is
-        not rendered again for every turn)."""
+        """The template text that ends the rendering of `before` after its last field. Remembered by the last
+        message's role (`response_start` tries it first, so a long conversation is not rendered again for every
+        turn)."""
         try:
             rendered = self.render(before)
         except InputError:  # a template that refuses this prefix gives no ending here
             return None
         placed = list(SENTINEL.finditer(rendered))
         ending = rendered[placed[-1].end():] if placed else rendered
-        self.endings[before[-1]["role"]] = ending = ending if self.encode.special_pattern.search(ending) else None
+        self.endings[before[-1]["role"]] = ending
         return ending
 
     def response_end(self, text: str, last: int, limit: int, not_closing: set[str]) -> int:

@@ -51,6 +51,7 @@ from datasets import DatasetInfo, Features
 from datasets import config as datasets_config
 from datasets.utils.py_utils import asdict
 
+from toss_filter.arrow import list_array, take_rows
 from toss_filter.data.tokenize import IGNORE_INDEX
 from toss_filter.errors import ConfigError, TossError
 from toss_filter.files import (atomic_file, atomic_write_text, check_free_space, check_replaceable, mark_dir,
@@ -68,30 +69,7 @@ DATA_FILES = re.compile(r"^data-(\d{5,})-of-(\d{5,})\.arrow$")
 # The temporary files `temp_file` makes for them (`.NAME.random`), which a killed write leaves behind.
 TEMP_FILES = re.compile(r"^\.(data-\d{5,}-of-\d{5,}\.arrow|state\.json|dataset_info\.json|toss-filter\.json)\.")
 STATE_FILE, INFO_FILE = datasets_config.DATASET_STATE_JSON_FILENAME, datasets_config.DATASET_INFO_FILENAME
-INT32_MAX = 2**31 - 1
 HASH_CHUNK = 16 * 2**20
-
-
-def list_array(values: np.ndarray, offsets: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
-    """A list<value_type> array, row i = values[offsets[i]:offsets[i+1]]. `offsets` may be int64 (every count across
-    shards is); the Arrow type keeps int32 offsets, so a column of more than 2^31 - 1 values is refused, never
-    truncated: write smaller shards."""
-    offsets = np.asarray(offsets)
-    if len(offsets) and int(offsets.max()) > INT32_MAX:
-        raise ValueError(f"a list column of {int(offsets.max()):,} values does not fit Arrow's int32 list offsets "
-                         f"(at most {INT32_MAX:,} values): write it in smaller shards")
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32, copy=False)), pa.array(values, type=value_type))
-
-
-def take_rows(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The rows `rows` of a (values, offsets) list column, as a new (values, offsets) pair."""
-    lengths = np.diff(offsets)[rows]
-    new_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    if len(rows) == len(offsets) - 1 and np.array_equal(rows, np.arange(len(rows))):
-        return values, new_offsets
-    starts = offsets[:-1][rows]
-    gather = np.repeat(starts - new_offsets[:-1], lengths) + np.arange(new_offsets[-1])
-    return values[gather], new_offsets
 
 
 def training_table(input_ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> pa.Table:

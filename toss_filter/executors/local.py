@@ -1,14 +1,15 @@
-"""The local executor: every shard in this process, one scorer for the whole run."""
+"""The local executor: every shard in this process, one worker for the whole pool."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from toss_filter.config import ExecutorConfig
-from toss_filter.steps.progress import Progress
-from toss_filter.steps.score import ScoreJob, ShardScorer, units
+from toss_filter.executors.base import Placement, PoolTally, Worker
 
 
 class LocalExecutor:
@@ -17,26 +18,28 @@ class LocalExecutor:
     def __init__(self, config: ExecutorConfig):
         self.config = config
 
+    def describe(self) -> dict[str, Any]:
+        return asdict(self.config)
+
     def close(self) -> None:
         """Nothing to release (the Ray executor's `close()` shuts down a Ray it started)."""
 
     def map_shards(self, fn: Callable[[int], Any], shards: Sequence[int]) -> list[Any]:
         return [fn(shard) for shard in shards]
 
-    def score(self, job: ScoreJob, missing: list[tuple[str, int]], show_progress: bool) -> dict[str, Any]:
+    def run_pool(self, make_worker: Callable[[Placement], Worker], units: list[Any], *, description: str,
+                 unit_name: str, show_progress: bool, shared_dir: Path | None = None) -> dict[str, Any]:
         started = time.perf_counter()
-        scorer = ShardScorer(job)
+        worker = make_worker(Placement(threads=self.config.threads))
         try:
-            work = units(missing, scorer.one_model_at_a_time)  # asking may load the weights (timed with them)
+            arrange = getattr(worker, "arrange", None)
+            units = arrange(units) if arrange else units  # asking may load the weights (timed with them)
             load_s = time.perf_counter() - started
-            score_s, tokens = 0.0, 0
-            with Progress("score", len(work), "shard-roles", show_progress) as progress:
-                for unit in work:
-                    result = scorer.score(unit, lambda rows_done, tokens_done: progress.advance(0, tokens_done))
-                    score_s += result["seconds"]
-                    tokens += result["tokens"]
-                    progress.advance(1)
-            return {"scorer": scorer.describe(), "score_s": score_s, "tokens": tokens,
-                    "load_models_s": round(load_s, 3)}
+            with PoolTally(description, len(units), unit_name, show_progress) as tally:
+                for unit in units:
+                    unit_started = time.time()
+                    result = worker(unit, tally.partial)
+                    tally.done(result, unit_started, load_s=load_s, describe=worker.describe(), counted=True)
+            return tally.summary()
         finally:
-            scorer.close()
+            worker.close()

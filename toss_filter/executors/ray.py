@@ -1,28 +1,24 @@
-"""The Ray executor: the same shard units as the local executor, placed on a Ray cluster (or a local Ray).
+"""The Ray executor: the same units and workers as the local executor, placed on a Ray cluster (or a local Ray).
 
     with RayExecutor(ExecutorConfig(executor="ray", replicas=4, gpus_per_replica=1)) as executor:
         score_step(config, executor)
 
-Scoring is Ray Data over shard descriptors: the driver builds the units (`steps.score.units`, role-major, so the
-driver never loads a model), makes a dataset of small `{"roles", "shard"}` rows, one block per unit, and maps it
-with one actor per replica (`replicas`, each with `cpus_per_replica` CPUs, which are also its torch threads, and
-`gpus_per_replica` GPUs). Each actor builds one `ShardScorer` and calls `ShardScorer.score` on whole shards: the
-code of the local path, which reads the token shard from the run directory and writes the score files there.
-No token crosses Ray: a unit's output row is its shard, roles, token count, seconds and where it ran.
+A pool (`run_pool`) is Ray Data over unit descriptors: the driver makes a dataset of the units (small picklable
+values, never data), one block per unit, and maps it with one actor per replica (`replicas`, each with
+`cpus_per_replica` CPUs, which are also its torch threads, and `gpus_per_replica` GPUs). Each actor builds one
+worker with `make_worker(placement)` and calls it on whole units: the code of the local path. For scoring, a worker
+reads its token shard from the run directory and writes the score files there, so no token crosses Ray: a unit's
+output row is the unit, its token count, seconds and where it ran.
 
-- The run directory must be on a filesystem every worker sees. The driver writes a probe file with a random token
-  into it (`.ray-probe-<token>`, removed at the end); every actor checks it before it loads a model and otherwise
-  fails with a `ConfigError` naming its node and the path. Relative model and run paths are made absolute on the
-  driver, since a worker's working directory is not the driver's.
+- The pool's `shared_dir` (the run directory) must be on a filesystem every worker sees. The driver writes a probe
+  file with a random token into it (`.ray-probe-<token>`, removed at the end); every actor checks it before it
+  builds its worker and otherwise fails with a `ConfigError` naming its node and the path.
 - A replica that dies (killed, out of memory, a lost node) is restarted and its unit retried, up to `RETRIES`
   times each (`max_restarts`, `max_task_retries`). An exception in a worker is not retried: it comes back as the
   unit's row, and the driver raises it as a one-line `TossError` (a `ConfigError` stays a `ConfigError`) naming the
   shard, the role and the node. Shard files are written atomically, so a failed or killed run leaves no
   finished-looking file, and a re-run resumes from the complete ones (a replica killed in the middle of a write
   can leave a dot-named temporary file beside the shards; it never looks finished).
-- With the vLLM backend and `gpus_per_replica >= 2`, each replica's engine runs tensor-parallel over its GPUs
-  (`tensor_parallel_size = int(gpus_per_replica)`, unless set). This is built and checked here, but not tested:
-  vLLM inside Ray actors needs a GPU cluster, which the test suite does not have.
 - `toss-filter` (and Ray, `pip install 'toss-filter[ray]'`) must be installed on every node of a cluster.
 
 Ray is imported here only, lazily: the local executor never needs it, and errors found on the driver (bad input,
@@ -39,6 +35,7 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
 import secrets
 import signal
 import socket
@@ -54,8 +51,7 @@ import numpy as np
 from toss_filter.config import ExecutorConfig
 from toss_filter.errors import ConfigError, TossError
 from toss_filter.files import atomic_write_text
-from toss_filter.steps.progress import Progress
-from toss_filter.steps.score import ScoreJob, ShardScorer, units
+from toss_filter.executors.base import Placement, PoolTally
 
 RETRIES = 2  # restarts of a dead replica, and retries of the unit it was scoring
 PROBE_PREFIX = ".ray-probe-"
@@ -88,27 +84,6 @@ def node_name() -> str:
         return socket.gethostname()
 
 
-def replica_job(job: ScoreJob, config: ExecutorConfig) -> ScoreJob:
-    """The job as a replica runs it: torch threads pinned to its CPUs, absolute paths, and a vLLM engine that is
-    tensor-parallel over the replica's GPUs."""
-    score = job.config
-    gpus = int(config.gpus_per_replica)
-    if score.backend == "vllm" and gpus >= 2:
-        if score.tensor_parallel_size == 1:
-            score = dataclasses.replace(score, tensor_parallel_size=gpus)
-        elif score.tensor_parallel_size > gpus:
-            raise ConfigError(f"--tensor-parallel-size {score.tensor_parallel_size} needs more GPUs than "
-                              f"--gpus-per-replica {config.gpus_per_replica} gives a replica")
-
-    def absolute(path: str | None) -> str | None:
-        return str(Path(path).resolve()) if path and Path(path).exists() else path
-
-    score = dataclasses.replace(score, run_dir=str(Path(score.run_dir).resolve()),
-                                safety_model=absolute(score.safety_model), utility_model=absolute(score.utility_model),
-                                base_model=absolute(score.base_model))
-    return dataclasses.replace(job, config=score, threads=config.cpus_per_replica)
-
-
 def write_probe(run_dir: Path) -> tuple[Path, str]:
     """A file only this run's driver wrote (a unique name, holding a random token), for workers to look for."""
     token = secrets.token_hex(16)
@@ -129,23 +104,23 @@ def check_probe(path: Path, token: str) -> None:
                           "directory must be on a filesystem every node mounts (--run-dir on shared storage)")
 
 
-class ScoreReplica:
-    """One Ray Data actor: one scorer, built once, scoring one unit per call. Errors come back as the unit's row
+class PoolReplica:
+    """One Ray Data actor: one worker, built once, running one unit per call. Errors come back as the unit's row
     (`error`, `error_kind`), so the driver reports them in one line rather than as a Ray traceback."""
 
-    def __init__(self, job: ScoreJob, probe: tuple[str, str], scorer_class: type = ShardScorer):
+    def __init__(self, make_worker: Callable[[Placement], Any], placement: Placement, probe: tuple[str, str] | None):
         import ray
 
         started = time.perf_counter()
         context = ray.get_runtime_context()
         self.where = {"node": node_name(), "actor": context.get_actor_id() or "",
                       "gpu_ids": ",".join(str(gpu) for gpu in ray.get_gpu_ids())}
-        self.scorer: Any = None
+        self.worker: Any = None
         self.error: tuple[str, str] | None = None
         try:
-            check_probe(Path(probe[0]), probe[1])
-            self.scorer = scorer_class(job)
-            self.scorer.one_model_at_a_time  # noqa: B018  (loads the torch weights, so they are timed as a load)
+            if probe is not None:
+                check_probe(Path(probe[0]), probe[1])
+            self.worker = make_worker(placement)
         except Exception as err:
             self.error = self._caught(err)
         self.load_s = time.perf_counter() - started
@@ -153,19 +128,19 @@ class ScoreReplica:
     @staticmethod
     def _caught(err: Exception) -> tuple[str, str]:
         if not isinstance(err, TossError):
-            log.exception("scoring failed")  # the traceback, in the worker's log
+            log.exception("a pool unit failed")  # the traceback, in the worker's log
         return type(err).__name__ if isinstance(err, TossError) else "other", one_line(err)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        roles, shard = str(batch["roles"][0]), int(batch["shard"][0])
-        row: dict[str, Any] = {"shard": shard, "roles": roles, "tokens": 0, "seconds": 0.0, "load_s": self.load_s,
+        index = int(batch["index"][0])
+        row: dict[str, Any] = {"index": index, "tokens": 0, "seconds": 0.0, "load_s": self.load_s,
                                "started": time.time(), "describe": "", "error": "", "error_kind": "", **self.where}
         error = self.error
         if error is None:
             try:
-                result = self.scorer.score((tuple(roles.split(",")), shard))
+                result = self.worker(pickle.loads(batch["unit"][0]))
                 row |= {"tokens": result["tokens"], "seconds": result["seconds"],
-                        "describe": json.dumps(self.scorer.describe(), default=str)}
+                        "describe": json.dumps(self.worker.describe(), default=str)}
             except Exception as err:
                 error = self._caught(err)
         if error is not None:
@@ -173,9 +148,9 @@ class ScoreReplica:
         return {name: np.array([value]) for name, value in row.items()}
 
     def __del__(self) -> None:
-        if self.scorer is not None:
+        if self.worker is not None:
             try:
-                self.scorer.close()
+                self.worker.close()
             except Exception:
                 pass
 
@@ -185,15 +160,14 @@ def _apply(fn: Callable[[int], Any], shard: int) -> Any:
 
 
 class RayExecutor:
-    """`steps.score.Executor` on Ray (module docstring). A context manager; `close()` shuts down a Ray it started.
-
-    `scorer_class` builds each replica's scorer (default `ShardScorer`); tests pass a subclass to inject faults."""
+    """`executors.base.Executor` on Ray (module docstring). A context manager; `close()` shuts down a Ray it
+    started."""
 
     name = "ray"
 
-    def __init__(self, config: ExecutorConfig, scorer_class: type = ShardScorer):
-        self.config, self.scorer_class = config, scorer_class
-        self.last_run: dict[str, Any] | None = None  # what `score` returned last, with where each unit ran
+    def __init__(self, config: ExecutorConfig):
+        self.config = config
+        self.last_run: dict[str, Any] | None = None  # what `run_pool` returned last, with where each unit ran
         self._started = self._local = False
         import_ray()  # a missing Ray is a ConfigError now, before any work
 
@@ -232,6 +206,9 @@ class RayExecutor:
             raise ConfigError(message)
         log.warning("%s: waiting for the cluster to grow (Ctrl-C to stop)", message)
 
+    def describe(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config)
+
     def close(self) -> None:
         if self._started:
             import ray
@@ -269,72 +246,68 @@ class RayExecutor:
                 raise cause from None
             raise TossError(f"a Ray shard task failed: {one_line(cause or err)}") from None
 
-    def score(self, job: ScoreJob, missing: list[tuple[str, int]], show_progress: bool) -> dict[str, Any]:
-        work = units(missing, one_model_at_a_time=True)  # role-major: right for every scorer, and no model here
-        if not work:
-            return {"scorer": None, "score_s": 0.0, "tokens": 0, "load_models_s": None}
-        job = replica_job(job, self.config)
+    def run_pool(self, make_worker: Callable[[Placement], Any], units: list[Any], *, description: str,
+                 unit_name: str, show_progress: bool, shared_dir: Path | None = None) -> dict[str, Any]:
+        if not units:
+            return PoolTally(description, 0, unit_name, False).summary()
         ray = self._ray()
         self._check_fits(ray)
         from ray.data import DataContext
 
-        probe, token = write_probe(Path(job.config.run_dir))
+        probe = write_probe(shared_dir) if shared_dir is not None else None
         context, data_log = DataContext.get_current(), logging.getLogger("ray.data")
         saved = context.enable_progress_bars, context.print_on_execution_start, data_log.level
         context.enable_progress_bars = context.print_on_execution_start = False  # our bar, on our terms
         if not logging.getLogger().isEnabledFor(logging.INFO):
             data_log.setLevel(logging.CRITICAL)  # Ray Data's notes and tracebacks only with --verbose: we report
+        placement = Placement(threads=self.config.cpus_per_replica, gpus=self.config.gpus_per_replica)
         try:
-            rows = ray.data.from_items([{"roles": ",".join(roles), "shard": shard} for roles, shard in work],
-                                       override_num_blocks=len(work))  # one block per unit: one task per unit
+            rows = ray.data.from_items([{"index": i, "unit": pickle.dumps(unit)} for i, unit in enumerate(units)],
+                                       override_num_blocks=len(units))  # one block per unit: one task per unit
             with warnings.catch_warnings():
                 # max_restarts / max_task_retries have no named parameter yet: they go as `ray_remote_args`,
                 # deprecated from Ray 2.60 on, and still honoured by the pinned line (<2.61)
                 warnings.simplefilter("ignore", DeprecationWarning)
-                scored = rows.map_batches(
-                    ScoreReplica, fn_constructor_args=(job, (str(probe), token), self.scorer_class), batch_size=1,
-                    compute=ray.data.ActorPoolStrategy(size=self.config.replicas),
+                done = rows.map_batches(
+                    PoolReplica, fn_constructor_args=(make_worker, placement, probe and (str(probe[0]), probe[1])),
+                    batch_size=1, compute=ray.data.ActorPoolStrategy(size=self.config.replicas),
                     num_cpus=self.config.cpus_per_replica, num_gpus=self.config.gpus_per_replica or None,
                     max_restarts=RETRIES, max_task_retries=RETRIES)
-            self.last_run = self._collect(ray, scored, work, show_progress)
+            self.last_run = self._collect(ray, done, units, description, unit_name, show_progress)
             return self.last_run
         finally:
             context.enable_progress_bars, context.print_on_execution_start, level = saved
             data_log.setLevel(level)
-            probe.unlink(missing_ok=True)
+            if probe is not None:
+                probe[0].unlink(missing_ok=True)
 
-    def _collect(self, ray: Any, scored: Any, work: list, show_progress: bool) -> dict[str, Any]:
-        pending = {(",".join(roles), shard) for roles, shard in work}
-        tokens, loads, describe, replicas = 0, {}, None, {}
-        span = [float("inf"), 0.0]  # the first unit's start and the last one's end, in wall-clock time
-        with Progress("score", len(work), "shard-roles", show_progress) as progress:
+    def _collect(self, ray: Any, done: Any, units: list[Any], description: str, unit_name: str,
+                 show_progress: bool) -> dict[str, Any]:
+        pending = set(range(len(units)))
+        with PoolTally(description, len(units), unit_name, show_progress) as tally:
             try:
-                results = iter(scored.iter_rows())
+                results = iter(done.iter_rows())
                 try:
                     for row in results:
                         if row["error"]:
                             kind = ConfigError if row["error_kind"] == "ConfigError" else TossError
-                            raise kind(f"scoring shard {row['shard']} ({row['roles'].replace(',', ', ')}) on "
-                                       f"{row['node']} failed: {row['error']}")
-                        pending.discard((row["roles"], int(row["shard"])))
-                        tokens += int(row["tokens"])
-                        span = [min(span[0], row["started"]), max(span[1], row["started"] + row["seconds"])]
-                        loads[row["actor"]] = float(row["load_s"])
-                        replica = replicas.setdefault(row["actor"], {"actor": row["actor"], "node": row["node"],
-                                                                     "gpu_ids": row["gpu_ids"], "units": 0})
-                        replica["units"] += 1
-                        describe = json.loads(row["describe"])
-                        progress.advance(1, int(row["tokens"]))
+                            raise kind(f"{description}: {describe_unit(units[row['index']])} on {row['node']} "
+                                       f"failed: {row['error']}")
+                        pending.discard(int(row["index"]))
+                        tally.done({"tokens": int(row["tokens"]), "seconds": float(row["seconds"])},
+                                   float(row["started"]), row["actor"], float(row["load_s"]),
+                                   json.loads(row["describe"]), {"node": row["node"], "gpu_ids": row["gpu_ids"]})
                 finally:  # stops the streaming execution, and its replicas, when we stop early
                     getattr(results, "close", lambda: None)()
             except ray.exceptions.RayError as err:
-                listed = ", ".join(f"{shard} ({roles})" for roles, shard in sorted(pending, key=lambda u: u[1])[:10])
-                raise TossError(f"Ray gave up scoring ({one_line(err)}; a dead replica, from running out of memory, "
-                                f"a crash or a lost node, is restarted {RETRIES} times: see the Ray worker logs); "
-                                f"{len(pending)} unit(s) left unscored, shards {listed}"
-                                f"{' ...' if len(pending) > 10 else ''}: re-run to resume") from None
-        load_s = max(loads.values(), default=0.0)  # replicas load in parallel: the slowest one's
-        # the wall time from the first unit's start to the last one's end: tokens / score_s is then the throughput
-        # of all replicas together (the local executor's sum of unit times, for one replica)
-        return {"scorer": describe, "score_s": max(span[1] - span[0], 1e-9), "tokens": tokens,
-                "load_models_s": round(load_s, 3), "replicas": list(replicas.values())}
+                listed = ", ".join(describe_unit(units[i]) for i in sorted(pending)[:10])
+                raise TossError(f"Ray gave up ({one_line(err)}; a dead replica, from running out of memory, a crash "
+                                f"or a lost node, is restarted {RETRIES} times: see the Ray worker logs); "
+                                f"{len(pending)} unit(s) left undone: {listed}{' ...' if len(pending) > 10 else ''}: "
+                                "re-run to resume") from None
+        return tally.summary()
+
+
+def describe_unit(unit: Any) -> str:
+    """A unit as an error names it: its own `describe()` if it has one, else its repr."""
+    return unit.describe() if hasattr(unit, "describe") else repr(unit)

@@ -3,7 +3,7 @@
     scorer.nll(role, rows, on_batch) -> list[np.ndarray]
     scorer.nll_roles(roles, rows, on_batch={role: callback}) -> {role: list[np.ndarray]}
 
-- `role` is "safety" or "utility".
+- `role` is one of `REFERENCE_ROLES`: "safety" or "utility".
 - `rows[i]` is `(input_ids, labels)`: two 1-D int arrays of one length, from `toss_filter.data.tokenize`.
 - The result's i-th array is float32 with `len == len(input_ids)`: `-log p(input_ids[j] | input_ids[:j])` under
   that role's model where `labels[j] != -100` and `j > 0`, and NaN everywhere else.
@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+REFERENCE_ROLES = ("safety", "utility")
 TokenRow = tuple[np.ndarray, np.ndarray]
 ProgressCallback = Callable[[int, int], None]
 

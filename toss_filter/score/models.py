@@ -33,7 +33,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from toss_filter.default_model import resolve_model_path
 from toss_filter.errors import ConfigError
 
-ROLES = ("safety", "utility")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # torch.save / pickle files
 log = logging.getLogger(__name__)
@@ -105,7 +104,7 @@ def resolve_spec(role: str, path: str, base_model: str | None, allow_pickle: boo
         check_weights(local, f"{option} {path}", allow_pickle)
         return ModelSpec(role, str(local), allow_pickle=allow_pickle)
     check_weights(local, f"{option} {path} (a LoRA adapter)", allow_pickle)
-    adapter_config = json.loads((local / "adapter_config.json").read_text())
+    adapter_config = read_adapter_config(local, option)
     recorded = adapter_config.get("base_model_name_or_path")
     base = base_model or recorded
     if not base:
@@ -115,6 +114,18 @@ def resolve_spec(role: str, path: str, base_model: str | None, allow_pickle: boo
     resolved = resolve_model_path(base)
     check_weights(resolved, f"{option} {path}: its base model {base}", allow_pickle)
     return ModelSpec(role, str(local), resolved, adapter_config, allow_pickle)
+
+
+def read_adapter_config(directory: Path, option: str) -> dict[str, Any]:
+    """`directory`'s adapter_config.json; a file that is not one JSON object is a ConfigError naming it."""
+    path = directory / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # broken JSON, or not UTF-8
+        raise ConfigError(f"{option}: {path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{option}: {path} is not a JSON object")
+    return config
 
 
 def resolve_device(device: str) -> str:

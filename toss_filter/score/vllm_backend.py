@@ -38,7 +38,7 @@ import torch
 
 from toss_filter.errors import ConfigError, TossError
 from toss_filter.files import replace_dir, staging_dir
-from toss_filter.run import model_fingerprint
+from toss_filter.fingerprint import model_fingerprint
 from toss_filter.score.base import ProgressCallback, TokenRow, scored_positions
 from toss_filter.score.models import ModelSpec, ReferenceModels
 

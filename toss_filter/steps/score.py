@@ -4,9 +4,10 @@ role and shard.
     score_step(config, executor, show_progress) -> run summary (also RUN_DIR/run.json)
 
 The driver tokenizes first (`steps.tokenize`), so bad input stops the run before any model loads or any remote
-work starts. It then hands the missing (roles, shard) units to the executor, whose workers each build one
-`ShardScorer` and score whole shards with it: the local executor in this process, the Ray executor in one actor
-per replica. Both run the same `ShardScorer.score`, so a shard's bytes do not depend on where it ran.
+work starts. It then hands the missing (roles, shard) units to the executor's worker pool (`run_pool`), whose
+workers each build one `ShardScorer` and score whole shards with it: the local executor in this process, the Ray
+executor in one actor per replica. Both call the same `ShardScorer`, so a shard's bytes do not depend on where it
+ran.
 
 A unit scores one role over one shard when the scorer holds one role's weights at a time (LoRA merged in place,
 or two vLLM engines): units then come role-major, so each worker switches roles about once. Otherwise a unit
@@ -18,28 +19,35 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
-from toss_filter.config import ExecutorConfig, ScoreConfig, as_dict
+from toss_filter.arrow import list_array, list_column
+from toss_filter.config import ScoreConfig, as_dict
 from toss_filter.data.tokenize import ConversationTokenizer, resolve_format
-from toss_filter.data.write import list_array
 from toss_filter.errors import ConfigError
+from toss_filter.executors.base import Executor, Placement
 from toss_filter.files import atomic_write_text, link_or_copy
+from toss_filter.fingerprint import content_key, model_fingerprint, package_versions
 from toss_filter.plan import ShardPlan, parse_slice, write_table
-from toss_filter.run import RunDir, content_key, list_column, model_fingerprint, package_versions
-from toss_filter.score.base import TokenRow
-from toss_filter.score.models import ROLES, ReferenceModels, resolve_device, resolve_dtype, resolve_spec
+from toss_filter.run import SCORES_SCHEMA, RunDir, ShardFiles
+from toss_filter.score.base import REFERENCE_ROLES
+from toss_filter.score.models import ReferenceModels, resolve_device, resolve_dtype, resolve_spec
 from toss_filter.steps.tokenize import tokenize_step
 
-Unit = tuple[tuple[str, ...], int]  # (roles, shard)
+class ScoreUnit(NamedTuple):
+    """One unit of scoring work: the shard's files of these roles."""
 
+    roles: tuple[str, ...]
+    shard: int
 
-def token_rows(ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, indices: Any) -> list[TokenRow]:
-    return [(ids[offsets[i]:offsets[i + 1]], labels[offsets[i]:offsets[i + 1]]) for i in indices]
+    def describe(self) -> str:
+        return f"shard {self.shard} ({', '.join(self.roles)})"
 
 
 @dataclass(frozen=True)
@@ -49,36 +57,56 @@ class ScoreJob:
     config: ScoreConfig
     tokens_key: str
     score_key: str
-    threads: int | None = None
-    deterministic: bool = False
 
 
 def build_references(config: ScoreConfig) -> ReferenceModels:
     device = resolve_device(config.device)
     specs = {role: resolve_spec(role, getattr(config, f"{role}_model"), config.base_model, config.allow_pickle_weights)
-             for role in ROLES}
+             for role in REFERENCE_ROLES}
     return ReferenceModels(specs["safety"], specs["utility"], resolve_dtype(config.dtype, device), device,
                            config.trust_remote_code)
 
 
-class ShardScorer:
-    """One worker's scorer: the references and the backend, built once; `score` writes whole shards."""
+def placed_config(config: ScoreConfig, placement: Placement) -> ScoreConfig:
+    """The config as a worker with `placement` runs it: a vLLM engine tensor-parallel over the worker's GPUs."""
+    gpus = int(placement.gpus)
+    if config.backend != "vllm" or gpus < 2:
+        return config
+    if config.tensor_parallel_size > gpus:
+        raise ConfigError(f"--tensor-parallel-size {config.tensor_parallel_size} needs more GPUs than "
+                          f"--gpus-per-replica {placement.gpus:g} gives a replica")
+    return replace(config, tensor_parallel_size=config.tensor_parallel_size if config.tensor_parallel_size > 1 else gpus)
 
-    def __init__(self, job: ScoreJob):
+
+def absolute_paths(config: ScoreConfig) -> ScoreConfig:
+    """Local run and model paths made absolute, on the driver: a remote worker's working directory is not ours."""
+    def absolute(path: str | None) -> str | None:
+        return str(Path(path).resolve()) if path and Path(path).exists() else path
+
+    return replace(config, run_dir=str(Path(config.run_dir).resolve()), safety_model=absolute(config.safety_model),
+                   utility_model=absolute(config.utility_model), base_model=absolute(config.base_model))
+
+
+class ShardScorer:
+    """One worker's scorer (an `executors.base.Worker`): the references and the backend, built once; a call scores
+    one `ScoreUnit` and writes its files."""
+
+    def __init__(self, job: ScoreJob, placement: Placement = Placement()):
         import torch
 
-        if job.threads:
-            torch.set_num_threads(job.threads)  # results must not depend on the cores a worker happens to see
-        if job.deterministic:
+        if placement.threads:
+            torch.set_num_threads(placement.threads)  # results must not depend on the cores a worker happens to see
+        config = placed_config(job.config, placement)
+        if config.deterministic:
             # vLLM schedules requests by timing, so its batches differ run to run: its batch-invariant kernels make
             # a token's score independent of its batch. The torch backend's batches are a function of the shard,
             # so deterministic kernels are all it needs. Both must be set before any CUDA work starts.
             os.environ["VLLM_BATCH_INVARIANT"] = "1"
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self.job, self.run = job, RunDir(job.config.run_dir)
-        self.references = build_references(job.config)
-        config = job.config
+        self.files = ShardFiles(config.run_dir, job.tokens_key)
+        self.job, self.run = job, RunDir(config.run_dir)
+        self.references = build_references(config)
         if config.backend == "vllm":
             from toss_filter.score.vllm_backend import VllmScorer
 
@@ -90,24 +118,27 @@ class ShardScorer:
 
             self.scorer = TorchScorer(self.references, self.references.device, config.max_batch_tokens)
 
-    @property
-    def one_model_at_a_time(self) -> bool:
-        return self.scorer.one_model_at_a_time
+    def arrange(self, units: list[ScoreUnit]) -> list[ScoreUnit]:
+        """Role-major units (one model at a time: each switch of roles costs a merge or an engine) when the scorer
+        holds one role's weights at a time, else both roles of a shard in one unit."""
+        if self.scorer.one_model_at_a_time:
+            return units
+        shards = sorted({unit.shard for unit in units})
+        return [ScoreUnit(tuple(r for r in REFERENCE_ROLES if any(u.shard == shard and r in u.roles for u in units)),
+                          shard) for shard in shards]
 
-    def score(self, unit: Unit, on_batch: Any = None) -> dict[str, Any]:
+    def __call__(self, unit: ScoreUnit, on_progress: Any = None) -> dict[str, Any]:
         """Score `unit` and write its role files; returns `{"shard", "roles", "tokens", "seconds"}`."""
-        roles, shard = unit
         started = time.perf_counter()
-        table = self.run.read_token_shard(self.job.tokens_key, shard)
-        ids, offsets = list_column(table, "input_ids")
-        labels, _ = list_column(table, "labels")
-        nll = self.scorer.nll_roles(roles, token_rows(ids, labels, offsets, range(table.num_rows)),
-                                    {role: on_batch for role in roles} if on_batch else None)
-        for role in roles:
+        tokens = self.files.tokens(unit.shard)
+        nll = self.scorer.nll_roles(unit.roles, tokens.rows(range(len(tokens.row_ids))),
+                                    {role: on_progress for role in unit.roles} if on_progress else None)
+        for role in unit.roles:
             values = np.concatenate(nll[role]) if nll[role] else np.zeros(0, np.float32)
-            write_table(self.run.score_shard(self.job.score_key, role, shard),
-                        pa.table({"row": table.column("row"), "nll": list_array(values, offsets, pa.float32())}))
-        return {"shard": shard, "roles": list(roles), "tokens": int(offsets[-1]) * len(roles),
+            write_table(self.run.score_shard(self.job.score_key, role, unit.shard), pa.table(
+                {"row": pa.array(tokens.row_ids, pa.int64()), "nll": list_array(values, tokens.offsets, pa.float32())},
+                schema=SCORES_SCHEMA))
+        return {"shard": unit.shard, "roles": list(unit.roles), "tokens": int(tokens.offsets[-1]) * len(unit.roles),
                 "seconds": time.perf_counter() - started}
 
     def describe(self) -> dict[str, Any]:
@@ -119,27 +150,10 @@ class ShardScorer:
             close()
 
 
-def units(missing: list[tuple[str, int]], one_model_at_a_time: bool) -> list[Unit]:
-    """The work for the missing (role, shard) score files, role-major or both roles per shard (module docstring)."""
-    if one_model_at_a_time:
-        return [((role,), shard) for role in ROLES for r, shard in missing if r == role]
-    shards = sorted({shard for _, shard in missing})
-    return [(tuple(role for role in ROLES if (role, shard) in missing), shard) for shard in shards]
-
-
-class Executor(Protocol):
-    """Where shards run (`toss_filter.executors`)."""
-
-    name: str
-
-    def score(self, job: ScoreJob, missing: list[tuple[str, int]], show_progress: bool) -> dict[str, Any]:
-        """Write every missing (role, shard) score file; return `{"scorer": describe(), "score_s", "tokens"}`."""
-
-    def map_shards(self, fn: Any, shards: Any) -> list[Any]:
-        """`[fn(s) for s in shards]`, possibly in other processes (`fn` is picklable)."""
-
-    def close(self) -> None:
-        """Release what the executor started (a local Ray)."""
+def role_major_units(missing: list[tuple[str, int]]) -> list[ScoreUnit]:
+    """The work for the missing (role, shard) score files, one role at a time: right for every scorer, and needs no
+    model on the driver (a worker may `arrange` them otherwise)."""
+    return [ScoreUnit((role,), shard) for role in REFERENCE_ROLES for r, shard in missing if r == role]
 
 
 def score_key(manifest: dict[str, Any], config: ScoreConfig, references: ReferenceModels) -> tuple[str, dict[str, Any]]:
@@ -213,8 +227,7 @@ def check_context(source: str, run: RunDir, tokens_key: str, plan: ShardPlan, ma
                               f"more than the references' context of {limit}: truncate with --max-length {limit}")
 
 
-def score_step(config: ScoreConfig, executor: Executor, show_progress: bool = True,
-               executor_config: ExecutorConfig | None = None) -> dict[str, Any]:
+def score_step(config: ScoreConfig, executor: Executor, show_progress: bool = True) -> dict[str, Any]:
     """Tokenize `config.input` and write per-token NLLs under both references into `config.run_dir`, resuming
     from complete shards. Returns the run summary (also saved as run.json)."""
     run = RunDir(config.run_dir)
@@ -232,27 +245,26 @@ def score_step(config: ScoreConfig, executor: Executor, show_progress: bool = Tr
 
     index, count = parse_slice(config.shard_slice)
     mine = plan.slice(index, count)
-    unscored = run.missing_scores(key, ROLES, mine)
+    unscored = run.missing_scores(key, mine)
     missing = reuse_role_scores(run, key, key_payload, unscored)
-    job = ScoreJob(config, tokens_key, key, executor_config.threads if executor_config else None,
-                   bool(executor_config and executor_config.deterministic))
-    result = executor.score(job, missing, show_progress) if missing else {"scorer": None, "score_s": 0.0,
-                                                                          "tokens": 0, "load_models_s": None}
+    job = ScoreJob(absolute_paths(config), tokens_key, key)
+    result = executor.run_pool(partial(ShardScorer, job), role_major_units(missing), description="score",
+                               unit_name="shard-roles", show_progress=show_progress, shared_dir=run.path)
     summary = {
         "tokens_key": tokens_key, "score_key": key, "shard_rows": plan.shard_rows, "rows": plan.rows,
         "shards": plan.shards, "tokens": manifest["tokens"], "resumed_shards": len(mine) - len({s for _, s in missing}),
         "reused_shard_roles": len(unscored) - len(missing),
         "input": config.input, "template": chat_format.name, "models": references.describe(),
         "score_config": as_dict(config), "device": references.device, "dtype": str(references.dtype),
-        "scorer": result["scorer"],
+        "scorer": result["describe"],
         "provenance": {"executor": executor.name, "shard_slice": f"{index}/{count}",
-                       **({"executor_config": as_dict(executor_config)} if executor_config else {})},
+                       "executor_config": executor.describe(), **({"workers": result["workers"]} if missing else {})},
         "timings": {
             "tokenize_s": round(tokenize_s, 3),
-            "load_models_s": result.get("load_models_s"),
-            "score_s": round(result["score_s"], 3),
+            "load_models_s": result["load_s"] if missing else None,
+            "score_s": round(result["work_s"], 3),
             "model_tokens_scored_this_run": result["tokens"],  # tokens × roles: a resumed run may score one role
-            "model_tokens_per_s": round(result["tokens"] / max(result["score_s"], 1e-9), 1) if missing else None,
+            "model_tokens_per_s": round(result["tokens"] / max(result["work_s"], 1e-9), 1) if missing else None,
         },
     }
     if config.verify:
@@ -276,7 +288,7 @@ def check_scored(run: RunDir, state: dict[str, Any]) -> ShardPlan:
     if json.loads(key_file.read_text())["tokens_digest"] != manifest["digest"]:
         raise ConfigError(f"{run.path}: the scores were made for other tokens than tokens/{state['tokens_key']}: "
                           "re-run `toss-filter score`")
-    missing = run.missing_scores(state["score_key"], ROLES, list(range(plan.shards)))
+    missing = run.missing_scores(state["score_key"], list(range(plan.shards)))
     if missing:
         shards = sorted({s for _, s in missing})
         listed = ", ".join(map(str, shards[:10])) + (" ..." if len(shards) > 10 else "")

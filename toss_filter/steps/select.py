@@ -16,88 +16,45 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from functools import cached_property, partial
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from toss_filter.arrow import list_array
 from toss_filter.config import SelectConfig, as_dict
 from toss_filter.data.tokenize import IGNORE_INDEX
-from toss_filter.data.write import (ShardedDataset, check_output, check_output_dir, export, list_array,
-                                    rejected_path, training_schema, training_table, with_assistant_masks)
-from toss_filter.plan import read_table
-from toss_filter.run import RunDir, content_key, list_column, package_versions
+from toss_filter.data.write import (ShardedDataset, check_output, check_output_dir, export, rejected_path,
+                                    training_schema, training_table, with_assistant_masks)
+from toss_filter.fingerprint import content_key, package_versions
+from toss_filter.run import REJECTED_SCHEMA, SIDECAR_SCHEMA, RunDir, ScoredShard, ShardFiles, commit_output_set
 from toss_filter.select.rules import positions_in_rows
 from toss_filter.select.streaming import Decision, ResponseShard, Rule, decide
 from toss_filter.steps.score import check_scored
-from toss_filter.steps.tokenize import invalid_reason, read_invalid
+from toss_filter.steps.tokenize import invalid_reason
 
 log = logging.getLogger(__name__)
 
 POSITIONS_REPORTED = 32
-REJECTED_SCHEMA = training_schema().append(pa.field("row", pa.int64())).append(pa.field("reason", pa.string()))
-SIDECAR_SCHEMA = pa.schema([("row", pa.int64()), ("score", pa.list_(pa.float32())), ("unsafe", pa.list_(pa.bool_()))])
 
 
-@dataclass
-class ScoredShard:
-    """One shard's tokens and scores as flat arrays: row i of the shard is `[offsets[i]:offsets[i + 1]]`."""
-
-    row_ids: np.ndarray
-    input_ids: np.ndarray
-    labels: np.ndarray
-    offsets: np.ndarray
-    truncated: np.ndarray
-    score: np.ndarray  # S(t) = nll_u(t) - nll_s(t), float32, NaN where unscored
-    nll_safety: np.ndarray
-    nll_utility: np.ndarray
-    unscored: np.ndarray  # flat token indices trained but not scored (--no-score-reasoning), usually empty
-
-    @cached_property
-    def token_row(self) -> np.ndarray:
-        return np.repeat(np.arange(len(self.row_ids)), np.diff(self.offsets))
-
-    @cached_property
-    def response(self) -> np.ndarray:
-        return np.flatnonzero(self.labels != IGNORE_INDEX)
-
-    def response_shard(self) -> ResponseShard:
-        response = self.response
-        per_row = np.bincount(self.token_row[response], minlength=len(self.row_ids)).astype(np.int64)
-        return ResponseShard(self.score[response], per_row, self.row_ids)
+def response_shard(data: ScoredShard) -> ResponseShard:
+    """The scores of a shard's response tokens, and how many each row has: what the selection passes read."""
+    response = np.flatnonzero(data.labels != IGNORE_INDEX)
+    per_row = np.bincount(data.token_row[response], minlength=len(data.row_ids)).astype(np.int64)
+    return ResponseShard(data.score[response], per_row, data.row_ids)
 
 
 @dataclass(frozen=True)
-class ShardReader:
-    """Reads one shard of a scored run (picklable: the executors send it to their workers)."""
+class ResponseScores:
+    """`response_shard` of each shard of a run, read on demand (picklable: the executors send it to workers)."""
 
-    run_dir: str
-    tokens_key: str
-    score_key: str
-
-    def read(self, shard: int) -> ScoredShard:
-        run = RunDir(self.run_dir)
-        tokens = run.read_token_shard(self.tokens_key, shard)
-        nll = {}
-        for role in ("safety", "utility"):
-            table = read_table(run.score_shard(self.score_key, role, shard))
-            if not table.column("row").equals(tokens.column("row")):
-                raise ValueError(f"{run.path}: score shard {shard} ({role}) does not match its token shard")
-            nll[role] = list_column(table, "nll")[0]
-        ids, offsets = list_column(tokens, "input_ids")
-        labels, _ = list_column(tokens, "labels")
-        unscored = np.zeros(0, np.int64)
-        if "unscored" in tokens.column_names:
-            positions, position_offsets = list_column(tokens, "unscored")
-            unscored = positions + np.repeat(offsets[:-1], np.diff(position_offsets))
-        return ScoredShard(tokens.column("row").to_numpy(), ids, labels, offsets,
-                           tokens.column("truncated").to_numpy(zero_copy_only=False),
-                           (nll["utility"] - nll["safety"]).astype(np.float32), nll["safety"], nll["utility"], unscored)
+    files: ShardFiles
 
     def __call__(self, shard: int) -> ResponseShard:
-        return self.read(shard).response_shard()
+        return response_shard(self.files.scored(shard))
 
 
 def _rejection_reason(truncated: bool, response_tokens: int) -> str:
@@ -106,11 +63,11 @@ def _rejection_reason(truncated: bool, response_tokens: int) -> str:
     return "truncated" if truncated else "no_response"  # --max-length cut the response off; or it was only a token
 
 
-def write_shard(reader: ShardReader, decision: Decision, staging: str, shards: int, keep_empty: bool,
+def write_shard(files: ShardFiles, decision: Decision, staging: str, shards: int, keep_empty: bool,
                 assistant_masks: bool, shard: int) -> dict[str, Any]:
     """Mask shard `shard` by `decision` and write its three shard files (unless complete); return its counts."""
-    data = reader.read(shard)
-    response, token_row, responses = data.response, data.token_row, data.response_shard()
+    data = files.scored(shard)
+    response, token_row, responses = np.flatnonzero(data.labels != IGNORE_INDEX), data.token_row, response_shard(data)
     response_per_row = responses.response_per_row
     unsafe = decision.unsafe(shard, responses)
     new_labels = data.labels.astype(np.int64)
@@ -130,8 +87,7 @@ def write_shard(reader: ShardReader, decision: Decision, staging: str, shards: i
     kept = np.arange(len(data.row_ids)) if keep_empty else np.flatnonzero(~empty)
     dropped = np.zeros(0, dtype=np.int64) if keep_empty else np.flatnonzero(empty)
 
-    # --skip-invalid: the rows that could not be loaded or tokenized, kept beside the token shard (no tokens).
-    invalid = read_invalid(RunDir(reader.run_dir).token_shard(reader.tokens_key, shard))
+    invalid = data.invalid  # --skip-invalid: the rows that could not be loaded or tokenized (no tokens)
 
     outputs = _datasets(Path(staging), shards, assistant_masks)
     if not all(dataset.done(shard) for dataset in outputs.values()):
@@ -191,35 +147,36 @@ def select_step(config: SelectConfig, executor: Any, show_progress: bool = True)
         log.warning("these scores come from TOSS-Pro rounds that flagged tokens with %s, not with this selection's "
                     "%s; re-run `filter --rounds` to refine θs for these settings", state["refine"]["flagged_with"],
                     config.flagging())
-    reader = ShardReader(str(run.path), state["tokens_key"], state["score_key"])
+    files = ShardFiles(str(run.path), state["tokens_key"], state["score_key"])
     rule = Rule(config.strategy, config.ratio, config.scope, config.threshold, config.seed)
-    decision = decide(rule, plan.shards, reader, executor.map_shards)
+    decision = decide(rule, plan.shards, ResponseScores(files), executor.map_shards)
     select_s = time.perf_counter() - started
 
     write_started = time.perf_counter()
     masks = config.emit_assistant_masks and config.format == "arrow"
-    key = content_key({"layout": "select-v2", "score_key": state["score_key"], "rule": as_dict(config) | {
-        "output": None, "run_dir": None, "format": None}, "assistant_masks": masks})
+    key = content_key({"layout": "select-v2", "score_key": state["score_key"], "rule": config.rule(),
+                       "assistant_masks": masks})
     staging = run.path / "select" / key
-    counts = executor.map_shards(partial(write_shard, reader, decision, str(staging), plan.shards,
+    counts = executor.map_shards(partial(write_shard, files, decision, str(staging), plan.shards,
                                          config.keep_empty, masks), range(plan.shards))
     outputs = _datasets(staging, plan.shards, masks)
     output = Path(config.output)
     # Both targets are checked before either moves, so a refusal never leaves one in place without the other.
     check_output(output, config.format, config.emit_assistant_masks)
     check_output_dir(rejected_path(output), "the rejected rows' directory")
-    export(outputs["output"], output, config.format, config.emit_assistant_masks)
-    outputs["rejected"].finish(rejected_path(output))
-    outputs["token_scores"].finish(run.path / "token_scores")
-    staging.rmdir()  # its three datasets have moved into place
-    write_s = time.perf_counter() - write_started
 
     stats = _stats(config, state, counts, decision)
     manifest = run.tokens_manifest(state["tokens_key"]) or {}
     stats |= {name: manifest.get(name, 0) for name in ("unscored_tokens", "reasoning_dropped_turns")}
-    stats["timings"] = state["timings"] | {"select_s": round(select_s, 3), "write_s": round(write_s, 3)}
     stats["output"], stats["rejected_output"] = str(output), str(rejected_path(output))
-    run.write_json("stats.json", stats)
+    commit_output_set(run, key, [
+        ("rejected", lambda: outputs["rejected"].finish(rejected_path(output))),
+        ("sidecar", lambda: outputs["token_scores"].finish(run.path / "token_scores")),
+        ("output", lambda: export(outputs["output"], output, config.format, config.emit_assistant_masks)),
+        ("staging removed", staging.rmdir),  # its three datasets have moved into place
+    ], lambda: stats | {"timings": state["timings"] | {"select_s": round(select_s, 3),
+                                                       "write_s": round(time.perf_counter() - write_started, 3)}})
+    stats = run.read_json("stats.json")
     run.write_json("config.json", {"command": "select", "score": state["score_config"], "select": as_dict(config),
                                    "refine": state.get("refine"), "versions": package_versions()})
     return stats

@@ -44,8 +44,10 @@ from toss_filter.data.tokenize import IGNORE_INDEX, ConversationTokenizer, token
 from toss_filter.errors import InputError
 from toss_filter.files import atomic_write_text
 from toss_filter.plan import read_table, write_table
-from toss_filter.run import RunDir, content_key, list_column, tokens_digest
-from toss_filter.steps.progress import Progress
+from toss_filter.run import INVALID_SCHEMA, RunDir, invalid_path, read_invalid
+from toss_filter.fingerprint import content_key, tokens_digest
+from toss_filter.arrow import list_column
+from toss_filter.progress import Progress
 
 log = logging.getLogger(__name__)
 _worker_encode: ConversationTokenizer | None = None
@@ -82,20 +84,6 @@ def tokens_key(config: ScoreConfig, encode: ConversationTokenizer) -> str:
         **({"score_reasoning": False} if not config.score_reasoning else {}),
         **({"limit": config.limit} if config.limit is not None else {}),  # likewise
     })
-
-
-INVALID_SCHEMA = pa.schema([("row", pa.int64()), ("field", pa.string()), ("problem", pa.string())])
-
-
-def invalid_path(token_shard: Path) -> Path:
-    """Where the invalid rows of a token shard are recorded: `invalid-NNNNN.arrow` beside `shard-NNNNN.arrow`."""
-    return token_shard.with_name(token_shard.name.replace("shard-", "invalid-", 1))
-
-
-def read_invalid(token_shard: Path) -> pa.Table:
-    """The invalid rows of a token shard (`INVALID_SCHEMA`, by row), empty if it has none."""
-    path = invalid_path(token_shard)
-    return read_table(path) if path.exists() else INVALID_SCHEMA.empty_table()
 
 
 def invalid_reason(field: str | None, problem: str) -> str:

@@ -7,10 +7,11 @@ from typing import Any
 import numpy as np
 
 from toss_filter.config import ScoreConfig
-from toss_filter.plan import ShardPlan, read_table
-from toss_filter.run import RunDir, list_column
+from toss_filter.plan import ShardPlan
+from toss_filter.run import RunDir, ShardFiles
 from toss_filter.score.base import scored_positions
-from toss_filter.score.models import ROLES, ReferenceModels
+from toss_filter.score.base import REFERENCE_ROLES
+from toss_filter.score.models import ReferenceModels
 from toss_filter.score.torch_backend import TorchScorer
 from toss_filter.score.vllm_backend import agreement
 
@@ -21,28 +22,27 @@ def verify_against_torch(run: RunDir, tokens_key: str, score_key: str, plan: Sha
                          references: ReferenceModels, config: ScoreConfig) -> dict[str, Any]:
     """Re-score `config.verify` random rows (seeded, among rows with a scored token) with the torch backend and
     compare them with the stored scores of both roles: `{"rows", "seed", **agreement(...)}`."""
+    files = ShardFiles(str(run.path), tokens_key, score_key)
     candidates: list[tuple[int, int]] = []  # (shard, row in shard): one pass over the labels, no tokens kept
     for shard in range(plan.shards):
-        labels, offsets = list_column(run.read_token_shard(tokens_key, shard), "labels")
-        candidates += [(shard, i) for i in range(len(offsets) - 1)
-                       if scored_positions(labels[offsets[i]:offsets[i + 1]]).any()]
+        tokens = files.tokens(shard)
+        candidates += [(shard, i) for i, (_, labels) in enumerate(tokens.rows(range(len(tokens.row_ids))))
+                       if scored_positions(labels).any()]
     rng = np.random.default_rng(VERIFY_SEED)
     chosen = sorted(candidates[i] for i in rng.choice(len(candidates), min(config.verify, len(candidates)),
                                                        replace=False))
-    rows, stored = [], {role: [] for role in ROLES}
+    rows, stored = [], {role: [] for role in REFERENCE_ROLES}
     for shard in sorted({s for s, _ in chosen}):
-        tokens = run.read_token_shard(tokens_key, shard)
-        ids, offsets = list_column(tokens, "input_ids")
-        labels, _ = list_column(tokens, "labels")
-        scores = {role: list_column(read_table(run.score_shard(score_key, role, shard)), "nll")[0] for role in ROLES}
+        data = files.scored(shard)
+        scores = {"safety": data.nll_safety, "utility": data.nll_utility}
         for _, i in (c for c in chosen if c[0] == shard):
-            span = slice(offsets[i], offsets[i + 1])
-            rows.append((ids[span], labels[span]))
-            for role in ROLES:
+            span = slice(data.offsets[i], data.offsets[i + 1])
+            rows.append((data.input_ids[span], data.labels[span]))
+            for role in REFERENCE_ROLES:
                 stored[role].append(scores[role][span])
     scorer = TorchScorer(references, references.device, config.max_batch_tokens)
     theirs, ours = [], []
-    for role in ROLES:
+    for role in REFERENCE_ROLES:
         theirs += stored[role]
         ours += scorer.nll(role, rows)
     empty = np.zeros(0, np.float32)

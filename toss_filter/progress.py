@@ -10,7 +10,7 @@ come as work completes (per batch while scoring), never from a timer thread, so 
 LOG_EVERY is a module-level setting, not a parameter: the bars are built deep inside the steps and executors
 (`steps.tokenize`, `executors.local`, `executors.ray`), which take only `show_progress`, and how often to print is
 a display choice of the process, like the console itself. The CLI sets it from `--log-every` on every command
-that shows progress; API users may set `toss_filter.steps.progress.LOG_EVERY` (seconds; 0 disables the lines).
+that shows progress; API users may set `toss_filter.progress.LOG_EVERY` (seconds; 0 disables the lines).
 `show_progress=False` (`--quiet`) disables both the bars and the lines.
 """
 
