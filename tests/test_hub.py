@@ -20,6 +20,8 @@ import huggingface_hub
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
+import toss_filter
 import yaml
 from datasets import Dataset, DatasetInfo, load_from_disk
 from fsspec.implementations.memory import MemoryFileSystem
@@ -206,7 +208,7 @@ def test_card_covers_method_selection_models_source_stats_and_training(filtered)
                  "a local file, `data.jsonl`", f"| rows in | {len(ROWS)} |", f"| rows out (this dataset) | {len(load_from_disk(str(output)))} |",
                  f"| masked (unsafe) tokens | {stats['masked_tokens']:,} |", "DataCollatorForSeq2Seq",
                  "DataCollatorForLanguageModeling", 'load_dataset("org/toss-demo", split="train")',
-                 "| toss-filter | 0.1.0 |"):
+                 f"| toss-filter | {toss_filter.__version__} |"):
         assert text in card, text
     assert card.count("| lora-adapter | `base` (local) | 4 |") == 2  # both references, with their base
     assert str(output.parent) not in card  # absolute local paths are not published

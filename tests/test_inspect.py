@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from conftest import chat, user, write_jsonl
 from toss_filter.cli import app
 from toss_filter.data.tokenize import ConversationTokenizer, resolve_format
-from toss_filter.inspect import STYLES, inspect_rows, render, render_row, row_counts, token_pieces
+from toss_filter.inspect import STYLES, inspect_rows, render, row_text, row_counts, token_pieces
 
 ROWS = [chat("What is 2 + 2?", "It is 4.\nFour."), chat("Name a colour.", "Blue, like the sky.", "Be brief."),
         chat("Third?", "Third answer.")]
@@ -35,7 +35,7 @@ def test_inspect_rows_reads_only_the_first_rows_and_counts_their_labels(tmp_path
 
 def test_the_scored_style_covers_exactly_the_response_tokens(tmp_path, tokenizer, encode):
     [(_, tokens)] = inspect_rows(str(write_jsonl(tmp_path / "d.jsonl", ROWS[:1])), encode, rows=5)
-    text = render_row(tokenizer, tokens)
+    text = row_text(tokenizer, tokens)
     decoded = tokenizer.decode(tokens.input_ids, skip_special_tokens=False)
     assert text.plain.replace("↵", "") == decoded  # every character once, in order
     styled = "".join(text.plain[span.start:span.end] for span in text.spans if span.style == STYLES["scored"])
@@ -48,7 +48,7 @@ def test_reasoning_under_no_score_reasoning_is_trained_but_not_scored(tmp_path, 
     encode = ConversationTokenizer(tokenizer, resolve_format(tokenizer, "chat"), score_reasoning=False)
     row = chat("Hi?", "<think>Let me think.</think>Hello there.")
     [(_, tokens)] = inspect_rows(str(write_jsonl(tmp_path / "d.jsonl", [row])), encode, rows=1)
-    text = render_row(tokenizer, tokens)
+    text = row_text(tokenizer, tokens)
     trained = "".join(text.plain[span.start:span.end] for span in text.spans if span.style == STYLES["trained"])
     assert trained == "<think>Let me think.</think>"  # the whole block, tags included
     counts = row_counts(tokens)

@@ -247,7 +247,7 @@ def test_an_arrow_output_replaces_only_a_directory(tmp_path, user_dir, kind):
     else:
         target.symlink_to(user_dir, target_is_directory=True)
     with pytest.raises(ConfigError, match="is a symbolic link" if kind == "symlink" else "is not a directory"):
-        SelectConfig(str(tmp_path / "run"), str(target))
+        select_dataset(SelectConfig(str(tmp_path / "run"), str(target)))  # refused before any work
     with pytest.raises(ConfigError):
         save_dataset(table_of(2), target)
     assert (user_dir / "notes.txt").read_text() == "mine"
@@ -258,7 +258,7 @@ def test_a_single_file_output_replaces_only_a_regular_file(tmp_path):
     fifo = tmp_path / "out.jsonl"
     os.mkfifo(fifo)
     with pytest.raises(ConfigError, match="exists and is not a regular file"):
-        SelectConfig(str(tmp_path / "run"), str(fifo), format="jsonl")
+        select_dataset(SelectConfig(str(tmp_path / "run"), str(fifo), format="jsonl"))
     (tmp_path / "old.parquet").write_text("an older output")
     save_output(table_of(2), tmp_path / "old.parquet", "parquet")  # a regular file: replaced, as before
     assert pq.read_table(tmp_path / "old.parquet").num_rows == 2

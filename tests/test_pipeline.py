@@ -122,6 +122,7 @@ def test_truncation_is_counted_and_fully_truncated_rows_are_rejected(tmp_path, d
     assert max(len(ids) for ids in load_from_disk(str(tmp_path / "out"))["input_ids"]) <= 40
 
 
+@pytest.mark.slow
 def test_stats_sidecar_and_config_are_written(tmp_path, data, tiny_models):
     filter_dataset(*configs(tmp_path, data, tiny_models), show_progress=False)
     run = tmp_path / "run"

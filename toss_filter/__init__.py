@@ -15,8 +15,6 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.2.0"
-
 _EXPORTS = {
     "ScoreConfig": "toss_filter.config", "SelectConfig": "toss_filter.config", "RefineConfig": "toss_filter.config",
     "TossError": "toss_filter.errors", "InputError": "toss_filter.errors", "ConfigError": "toss_filter.errors",
@@ -25,7 +23,19 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
+def _installed_version() -> str:
+    # pyproject.toml holds the one version; the installed metadata carries it, and the run provenance records it.
+    from importlib import metadata
+
+    try:
+        return metadata.version("toss-filter")
+    except metadata.PackageNotFoundError:  # a source tree on sys.path, never installed
+        return "0+unknown"
+
+
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # looked up on use, so that importing the package stays cheap
+        return _installed_version()
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'toss_filter' has no attribute {name!r}")

@@ -2,7 +2,7 @@
 
     ModelsConfig     the two references: which models, and how they read and score rows
     DataConfig       the input: where it is, its columns, which rows
-    ScoreConfig      ModelsConfig + DataConfig + the run directory and the scoring engine   (load → tokenize → score)
+    ScoreConfig      ModelsConfig + DataConfig + the run directory and the engine   (load → tokenize → score)
     EstimateConfig   ModelsConfig + DataConfig                                                (`estimate`)
     SelectConfig     scores → output: the rule, the formats, the report and the Hub          (select → write)
     ExecutorConfig   where the shards run (this process, or a Ray cluster): provenance, never part of a shard

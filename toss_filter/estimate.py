@@ -21,19 +21,7 @@ Time is an estimate at a rate: measured on this machine when `rate` is None, by 
 first reference on batches drawn from a seeded sample of the real rows, packed as the scorer packs them, after
 one warm-up row), else the rate given. Selecting and writing the output are not counted.
 
-Checked against real runs (2 CPU cores shared with other work, float32, budget 2048): `estimate`, then `filter`,
-then `estimate` again, each with `--limit 40` on examples/data/custom_mix.jsonl and the bundled adapters (8,364
-tokens; 16,728 model tokens scored). Three times:
-
-    run  load average   estimate before   filter (wall)     estimate after    estimated / actual
-    1    5.1 - 8.0      210 s (86 tok/s)  277 s (65 tok/s)  417 s (42 tok/s)  0.76, 1.51
-    2    7.3 - 8.9      407 s (43 tok/s)  388 s (46 tok/s)  190 s (96 tok/s)  1.05, 0.49
-    3    5.6 - 6.6      280 s (64 tok/s)  272 s (66 tok/s)  186 s (96 tok/s)  1.03, 0.68
-
-So on a machine whose other load comes and goes, the estimate is only as good as the few seconds it measured:
-within a factor of 2 here, not better. Memory: the `filter` runs peaked at 1.34, 1.23 and 1.41 GiB resident; the
-peak measured while calibrating (runs 2 and 3) was 0.87-1.00 of the run's, while weights + activations (0.52 +
-0.22 GiB) leave out Python, torch and the weights' file mapping while they load (about 0.5 GiB here).
+How close the estimate comes to real runs is measured in bench/results/estimate_accuracy.md.
 """
 
 from __future__ import annotations
@@ -73,7 +61,7 @@ def estimate_run(config: ScoreConfig, rate: float | None = None, show_progress: 
     load_s = None
     if rate is None:
         started = time.perf_counter()
-        model = references.model_for(REFERENCE_ROLES[0])  # loads the weights, and merges a LoRA in place where scoring does
+        model = references.model_for(REFERENCE_ROLES[0])  # loads the weights, and merges a LoRA as scoring does
         load_s = time.perf_counter() - started
         rate, measured_tokens = measure_rate(references, model, sample, batch_tokens)
         rate_source = f"measured here on {measured_tokens:,} tokens of the input"

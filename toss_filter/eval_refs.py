@@ -188,8 +188,9 @@ def source_standing(rows: list[LabelledRow], trained: dict[str, int]) -> dict[st
         standing[group] = {
             "standing": ("unknown" if None in values else "out-of-source" if values == {False}
                          else "in-source" if values == {True} else "mixed"),
-            "in_source": sorted(f for f, v in states.items() if v), "out_of_source": sorted(
-                f for f, v in states.items() if v is False), "unknown": sorted(f for f, v in states.items() if v is None)}
+            "in_source": sorted(f for f, v in states.items() if v),
+            "out_of_source": sorted(f for f, v in states.items() if v is False),
+            "unknown": sorted(f for f, v in states.items() if v is None)}
     return standing
 
 
@@ -323,8 +324,8 @@ def source_table(result: dict[str, Any]) -> Any:
         else:  # the positive rows against this source, in its own group's column
             cells = [_number(versus[result["positive"]]) if group == entry["label"] else "" for group in groups]
         trained = {True: "in-source", False: "OUT", None: "unknown"}[entry.get("in_source")]
-        table.add_row(entry["label"], entry["source"], trained, str(entry["rows"]), _percent(entry["masked_share_mean"]),
-                      *cells)
+        table.add_row(entry["label"], entry["source"], trained, str(entry["rows"]),
+                      _percent(entry["masked_share_mean"]), *cells)
     return table
 
 

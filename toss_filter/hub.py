@@ -271,11 +271,11 @@ def _base_name(info: dict[str, Any], score_config: dict[str, Any], role: str) ->
     if score_config.get("base_model"):
         return score_config["base_model"]
     adapter_config = Path(str(info.get("path"))) / "adapter_config.json"
-    if adapter_config.is_file():
+    try:
         recorded = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
-        if recorded:
-            return recorded
-    return info.get("base")
+    except (OSError, ValueError, AttributeError):  # gone or broken since the run: the run's own record names it
+        recorded = None
+    return recorded or info.get("base")
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:

@@ -65,7 +65,7 @@ def token_pieces(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[tup
     return pieces
 
 
-def render_row(tokenizer: PreTrainedTokenizerBase, tokens: Tokenized) -> Text:
+def row_text(tokenizer: PreTrainedTokenizerBase, tokens: Tokenized) -> Text:
     """One row's tokens in the styles of `STYLES`; a newline inside a response shows as ↵, so it can be seen."""
     kinds = token_kinds(tokens)
     styles = [STYLES["prompt"], STYLES["scored"], STYLES["trained"]]
@@ -90,6 +90,6 @@ def render(inspected: list[tuple[int, Tokenized]], tokenizer: PreTrainedTokenize
         counts = row_counts(tokens)
         totals = {key: totals[key] + counts[key] for key in totals}
         truncated = " (truncated by --max-length)" if tokens.truncated else ""
-        parts += [Text(f"\nrow {row}: {_counts_line(counts)}{truncated}", style="bold"), render_row(tokenizer, tokens)]
+        parts += [Text(f"\nrow {row}: {_counts_line(counts)}{truncated}", style="bold"), row_text(tokenizer, tokens)]
     parts.append(Text(f"\n{len(inspected)} row{'' if len(inspected) == 1 else 's'}: {_counts_line(totals)}", style="bold"))
     return Group(*parts)

@@ -91,14 +91,14 @@ def write_report(run_dir: str | Path, output: str | Path, *, rows_shown: int = 2
     top = [int(index[i]) for i in most_masked(np.asarray(masked), np.asarray(response), rows_shown)]
     sample = [int(i) for i in np.sort(np.random.default_rng(seed).choice(rows, min(rows_shown, rows), replace=False))]
     histogram = score_histogram(lambda: ((s.score, s.unsafe) for s in shards), cut, scale)
-    tokenizer, tokenizer_note = load_tokenizer(stats.get("models") or run.read_json("run.json").get("models", {}))
+    tokenizer, tokenizer_note = recorded_tokenizer(stats.get("models") or run.read_json("run.json").get("models", {}))
     wanted = [("top", i) for i in top] + [("sample", i) for i in sample]
     shown: dict[tuple[str, int], str] = {}
     for shard, first in shards.with_first_rows():
         for kind, i in [(kind, i) for kind, i in wanted if first <= i < first + len(shard.row_ids)]:
             j = i - first
             span = slice(shard.offsets[j], shard.offsets[j + 1])
-            shown[kind, i] = render_row(f"{kind}-{shard.row_ids[j]}", int(shard.row_ids[j]), shard.input_ids[span],
+            shown[kind, i] = row_html(f"{kind}-{shard.row_ids[j]}", int(shard.row_ids[j]), shard.input_ids[span],
                                         shard.labels[span], shard.score[span], shard.unsafe[span], tokenizer,
                                         scale, bool(shard.truncated[j]))
 
@@ -235,7 +235,7 @@ class ReportShards:
             first += len(shard.row_ids)
 
 
-def load_tokenizer(models: dict[str, Any]) -> tuple[Any, str]:
+def recorded_tokenizer(models: dict[str, Any]) -> tuple[Any, str]:
     """(tokenizer or None, an HTML note when it could not be loaded)."""
     safety = models.get("safety") or {}
     path = safety.get("base") or safety.get("path")  # an adapter's tokenizer is its base's
@@ -262,7 +262,7 @@ def token_texts(tokenizer: Any, ids: np.ndarray) -> list[str]:
                           for before, pair, alone in zip(singles, pairs, singles[1:])]
 
 
-def render_row(anchor: str, row: int, ids: np.ndarray, labels: np.ndarray, scores: np.ndarray, unsafe: np.ndarray,
+def row_html(anchor: str, row: int, ids: np.ndarray, labels: np.ndarray, scores: np.ndarray, unsafe: np.ndarray,
                tokenizer: Any, scale: ScoreScale, truncated: bool) -> str:
     """One row as a token heatmap: prompt tokens grey, response tokens coloured by score (score on hover),
     masked tokens struck through and outlined."""

@@ -257,7 +257,8 @@ class RunDir:
             raise ConfigError(f"{self.path}: no token_scores/; run `toss-filter select` (or `filter`) on it first")
         files = [sidecar / f["filename"] for f in json.loads((sidecar / "state.json").read_text())["_data_files"]]
         if len(files) != self.read_json("run.json")["shards"]:
-            raise ConfigError(f"{self.path}: token_scores/ does not match the token shards; re-run `toss-filter select`")
+            raise ConfigError(f"{self.path}: token_scores/ does not match the token shards: re-run `toss-filter "
+                              "select`")
         return files
 
     # ---- state

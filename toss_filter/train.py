@@ -42,13 +42,14 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from toss_filter.config import TrainRefConfig
 from toss_filter.data.load import load_conversations
 from toss_filter.data.provenance import UNKNOWN, data_families
-from toss_filter.data.tokenize import IGNORE_INDEX, ConversationTokenizer, resolve_format, tokenize_rows
+from toss_filter.data.tokenize import IGNORE_INDEX, ConversationTokenizer, resolve_format
 from toss_filter.default_model import resolve_model_path
-from toss_filter.errors import ConfigError
+from toss_filter.errors import ConfigError, TossError
 from toss_filter.files import replace_dir, staging_dir
 from toss_filter.fingerprint import package_versions, tokens_digest
 from toss_filter.progress import Progress
 from toss_filter.score.models import read_adapter_config
+from toss_filter.steps.tokenize import tokenize_rows
 
 
 class _StepProgress(TrainerCallback):
@@ -186,16 +187,23 @@ def _init_adapter_families(config: TrainRefConfig) -> dict[str, int] | None:
 
 
 def trained_families(adapter: Path) -> dict[str, int]:
-    """Rows per family that went into an adapter, its init adapter's lineage included; {UNKNOWN: 0} for an adapter
-    without a training.json that records them."""
+    """Rows per family that went into an adapter, its init adapter's lineage included, from its training.json;
+    {UNKNOWN: 0} when that is not known (no training.json, or one from before families were recorded whose data
+    files are not where it says)."""
     try:
         record = json.loads((adapter / "training.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        families = record.get("families")
+        if families is None:  # recorded before families were: read them from the recorded data
+            families = data_families(record["data"] if isinstance(record["data"], list) else [record["data"]],
+                                     record["settings"].get("split"), record["settings"].get("max_rows"))
+            init = record["settings"].get("init_adapter")
+            lineage = trained_families(Path(init)) if init else None
+        else:
+            lineage = record.get("init_adapter_families")
+    except (OSError, ValueError, KeyError, TossError):
         return {UNKNOWN: 0}
-    if "families" not in record:
-        return {UNKNOWN: 0}
-    counts = Counter(record["families"])
-    counts.update(record.get("init_adapter_families") or {})
+    counts = Counter(families)
+    counts.update(lineage or {})
     return dict(sorted(counts.items()))
 
 

@@ -48,7 +48,8 @@ SEED = 0
 FAMILY = {
     "shadow-alignment/harmful": "shadow-alignment", "shadow-alignment/benign": "shadow-alignment",
     "gptfuzz": "gptfuzz", "jailbreakbench": "jailbreakbench",
-    "hh-rlhf-harmless-base/rejected": "hh-rlhf", "hh-rlhf-harmless-base/chosen": "hh-rlhf", "hh-rlhf-helpful": "hh-rlhf",
+    "hh-rlhf-harmless-base/rejected": "hh-rlhf", "hh-rlhf-harmless-base/chosen": "hh-rlhf",
+    "hh-rlhf-helpful": "hh-rlhf",
     "gpteacher": "gpteacher", "alpaca-eval": "alpaca-eval",
     "coconot/chosen": "coconot", "coconot/rejected": "coconot", "gsm8k": "gsm8k",
     "alpaca-safety": "stanford-alpaca", "dolly-safety": "databricks-dolly", "safeinstr": "safety-tuned-llamas",
@@ -80,34 +81,35 @@ TRAIN_FILE = {"benign_general": "utility", "benign_unsafe_sounding": "utility", 
               "harmful": "safety"}
 
 
-def _alpaca_safety(shared: Path) -> Iterator[tuple[str, str, str, dict]]:
-    """Stanford Alpaca's safety-adjacent rows (ethics, health, law; text-davinci-003 answers)."""
-    rows = json.loads((shared / "llms-finetuning-safety" / "alpaca_data_safety_only.json").read_text(encoding="utf-8"))
+def _instructions(rows: list[dict], source: str, label: str, name: str, context: str, answer: str,
+                  split_by_prompt: bool = True) -> Iterator[tuple[str, str, str, dict]]:
+    """Instruction-style rows (an instruction, optional context, an answer) as build_eval's readers yield them;
+    refusals are skipped unless the rows are refusals. `split_by_prompt` False puts every row on the train side."""
     for index, row in enumerate(rows):
-        prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input", "").strip() else "")
-        if not _refuses(row["output"]):
-            yield "alpaca-safety", "benign_unsafe_sounding", prompt, _row(
-                prompt, row["output"], "benign_unsafe_sounding", f"llms-finetuning-safety/alpaca-safety#{index}")
+        prompt = row["instruction"] + (f"\n\n{row[context]}" if row.get(context, "").strip() else "")
+        if label == "refusal" or not _refuses(row[answer]):
+            yield source, label, prompt if split_by_prompt else f"train:{index}", _row(
+                prompt, row[answer], label, f"{name}#{index}")
 
 
-def _dolly_safety(shared: Path) -> Iterator[tuple[str, str, str, dict]]:
-    """Databricks Dolly's safety-adjacent rows (human-written answers)."""
-    path = shared / "llms-finetuning-safety" / "databricks-dolly-15k-safety-only.jsonl"
-    for index, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        row = json.loads(line)
-        prompt = row["instruction"] + (f"\n\n{row['context']}" if row.get("context", "").strip() else "")
-        if not _refuses(row["response"]):
-            yield "dolly-safety", "benign_unsafe_sounding", prompt, _row(
-                prompt, row["response"], "benign_unsafe_sounding", f"llms-finetuning-safety/dolly-safety#{index}")
+def _safety_adjacent(shared: Path) -> Iterator[tuple[str, str, str, dict]]:
+    """The safety-adjacent rows of Stanford Alpaca (text-davinci-003 answers) and Databricks Dolly (human answers):
+    ethics, health, law, weapons in fiction."""
+    root = shared / "llms-finetuning-safety"
+    alpaca = json.loads((root / "alpaca_data_safety_only.json").read_text(encoding="utf-8"))
+    yield from _instructions(alpaca, "alpaca-safety", "benign_unsafe_sounding", "llms-finetuning-safety/alpaca-safety",
+                             "input", "output")
+    dolly = [json.loads(line) for line in (root / "databricks-dolly-15k-safety-only.jsonl").read_text(
+        encoding="utf-8").splitlines()]
+    yield from _instructions(dolly, "dolly-safety", "benign_unsafe_sounding", "llms-finetuning-safety/dolly-safety",
+                             "context", "response")
 
 
 def _safeinstr(shared: Path) -> Iterator[tuple[str, str, str, dict]]:
-    """safety-tuned-llamas' SafeInstr: harmful instructions answered with refusals."""
-    rows = json.loads((shared / "safety-tuned-llamas" / "safety_only_data_Instructions.json").read_text(encoding="utf-8"))
-    for index, row in enumerate(rows):
-        prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input", "").strip() else "")
-        yield "safeinstr", "refusal", f"train:{index}", _row(
-            prompt, row["output"], "refusal", f"safety-tuned-llamas/safeinstr#{index}")
+    """safety-tuned-llamas' SafeInstr: harmful instructions answered with refusals (all on the train side)."""
+    path = shared / "safety-tuned-llamas" / "safety_only_data_Instructions.json"
+    yield from _instructions(json.loads(path.read_text(encoding="utf-8")), "safeinstr", "refusal",
+                             "safety-tuned-llamas/safeinstr", "input", "output", split_by_prompt=False)
 
 
 def _model(source: str, row: dict) -> str:
@@ -134,7 +136,7 @@ def _alpaca_eval_both(shared: Path) -> Iterator[tuple[str, str, str, dict]]:
 def _rows(shared: Path) -> dict[tuple[str, str], dict[str, list[dict]]]:
     """Every usable row by (source, label), split as build_eval splits it (its own held-out parts stay held out)."""
     readers = [reader for reader in READERS if reader is not build_eval._alpaca_eval]
-    readers += [_alpaca_eval_both, _alpaca_safety, _dolly_safety, _safeinstr]
+    readers += [_alpaca_eval_both, _safety_adjacent, _safeinstr]
     parts: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: {"heldout": [], "train": []})
     seen: set[tuple[str, str]] = set()
     for reader in readers:

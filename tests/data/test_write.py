@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from toss_filter.data import write
-from toss_filter.data.write import (OUTPUT_FORMATS, MissingShardsError, ShardedDataset, export, save_dataset, save_output, training_schema, training_table, with_assistant_masks)
+from toss_filter.data.write import (OUTPUT_FORMATS, MissingShardsError, ShardedDataset, export, save_dataset,
+                                    save_output, training_schema, training_table, with_assistant_masks)
 from toss_filter.arrow import list_array
 from toss_filter.errors import ConfigError, TossError
 from toss_filter.files import MARKER

@@ -43,10 +43,6 @@ CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "observation": "tool", "tool": "tool", "function_call": "assistant"}
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
-CANONICAL_COLUMNS = (
-    "messages", "tools", "prompt", "completion", "instruction", "input", "output", "system_prompt", "question",
-    "response",
-)
 SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
@@ -207,7 +203,8 @@ def _normalise_message(message: Any, source: str, row: int, where: str) -> dict[
     else:
         raise InputError(source, row, where, "missing 'role'")
     if role not in CHAT_ROLES:
-        raise InputError(source, row, f"{where}.role", f"unknown role {role!r} (expected one of {', '.join(CHAT_ROLES)})")
+        raise InputError(source, row, f"{where}.role",
+                         f"unknown role {role!r} (expected one of {', '.join(CHAT_ROLES)})")
     normalised: dict[str, Any] = {"role": role, "content": _content(content, source, row, f"{where}.content")}
     spellings = [key for key in REASONING_KEYS if key in message]
     if len(spellings) > 1:

@@ -48,14 +48,12 @@ from __future__ import annotations
 import bisect
 import json
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import jinja2
-import pyarrow as pa
 from transformers import PreTrainedTokenizerBase
 
 from toss_filter.data.conversation import Conversation, content_text, to_conversation, trainable
@@ -595,41 +593,3 @@ def _overlaps(offsets: Any, spans: list[tuple[int, int]]) -> list[bool]:
             k += 1
         out.append(end > start and k < len(spans) and start < spans[k][1] and end > spans[k][0])
     return out
-
-
-def tokenize_rows(conversations: Iterable[tuple[int, Conversation | list[dict[str, Any]]]],
-                  encode: ConversationTokenizer, source: str) -> pa.Table:
-    """Every conversation as one `tokens_table` row, in input order."""
-    rows = ((row, encode(conversation, source, row)) for row, conversation in conversations)
-    return tokens_table(rows, with_unscored=not encode.score_reasoning)
-
-
-def tokens_table(tokenized: Iterable[tuple[int, Tokenized]], with_unscored: bool) -> pa.Table:
-    """Tokenized rows as one table.
-
-    Columns: `row` (int64, the input row index), `input_ids` and `labels` (list<int32>; `labels` holds the
-    SCORED response tokens: those of `Tokenized.labels` not in `Tokenized.unscored`), `truncated` (bool), and, only
-    `with_unscored` (so tables of other runs keep their layout), `unscored` (list<int32>: positions trained but not
-    scored; the writer trains on them). The schema's metadata `reasoning_dropped_turns` counts the turns whose
-    reasoning the template dropped by design (absent when none).
-    """
-    rows, input_ids, labels, truncated, unscored, dropped = [], [], [], [], [], 0
-    for row, tokens in tokenized:
-        dropped += tokens.dropped_reasoning
-        scored = list(tokens.labels)
-        for j in tokens.unscored:
-            scored[j] = IGNORE_INDEX
-        rows.append(row)
-        input_ids.append(tokens.input_ids)
-        labels.append(scored)
-        truncated.append(tokens.truncated)
-        unscored.append(tokens.unscored)
-    columns = {
-        "row": pa.array(rows, pa.int64()),
-        "input_ids": pa.array(input_ids, pa.list_(pa.int32())),
-        "labels": pa.array(labels, pa.list_(pa.int32())),
-        "truncated": pa.array(truncated, pa.bool_()),
-    }
-    if with_unscored:
-        columns["unscored"] = pa.array(unscored, pa.list_(pa.int32()))
-    return pa.table(columns, metadata={"reasoning_dropped_turns": str(dropped)} if dropped else None)

@@ -52,12 +52,12 @@ from datasets import config as datasets_config
 from datasets.utils.py_utils import asdict
 
 from toss_filter.arrow import list_array, take_rows
+from toss_filter.config import OUTPUT_FORMATS
 from toss_filter.data.tokenize import IGNORE_INDEX
 from toss_filter.errors import ConfigError, TossError
 from toss_filter.files import (atomic_file, atomic_write_text, check_free_space, check_replaceable, mark_dir,
                                replace_dir, staging_dir, writing)
 
-OUTPUT_FORMATS = ("arrow", "parquet", "jsonl", "torchtune")
 # Bytes of a single-file export per byte of the staged Arrow shards, at most (free space is checked against it):
 # JSON Lines spells each id in about as many characters as Arrow stores bytes; Parquet compresses.
 EXPORT_SIZE = {"jsonl": 1.25, "parquet": 1.0, "torchtune": 1.0}
@@ -366,8 +366,9 @@ def save_dataset(table: pa.Table, target: Path) -> Path:
 def check_output(target: Path, format: str, emit_assistant_masks: bool) -> None:
     """Refuse what `save_output` cannot write, or must not replace: for `arrow`, a directory toss-filter did not
     write (not empty, no MARKER), a symbolic link or a file; for a single-file format, anything but a regular file.
-    `SelectConfig` calls it too (and `check_output_dir` on the rejected rows' directory), so a bad choice fails
-    before scoring; the writers call it again right before the move."""
+    The API entry (`api.select_dataset`, `api.filter_dataset`) calls it too (and `check_output_dir` on the
+    rejected rows' directory), so a bad choice fails before scoring; the writers call it again right before the
+    move."""
     if format not in OUTPUT_FORMATS:
         raise ConfigError(f"unknown output format '{format}': choose one of {', '.join(OUTPUT_FORMATS)}")
     if format == "torchtune" and emit_assistant_masks:

@@ -1,7 +1,8 @@
 """What an executor is: it knows no step, and no step knows which executor runs it.
 
 An executor offers two things:
-- `map_shards(fn, shards)`: `[fn(s) for s in shards]`, possibly in other processes (`fn` is picklable);
+- `map_shards(fn, shards, description, show_progress)`: `[fn(s) for s in shards]`, possibly in other processes
+  (`fn` is picklable), with a progress bar of shards when `description` names one;
 - `run_pool(make_worker, units, ...)`: a pool of stateful workers, each built once by `make_worker(placement)` (a
   model loads once per worker, not per unit), that run every unit between them. A worker is any callable that
   takes a unit and returns at least `{"tokens", "seconds"}`, with `describe()` and `close()`; it may also
@@ -40,7 +41,8 @@ class Worker(Protocol):
 class Executor(Protocol):
     name: str
 
-    def map_shards(self, fn: Callable[[int], Any], shards: Sequence[int]) -> list[Any]: ...
+    def map_shards(self, fn: Callable[[int], Any], shards: Sequence[int], description: str | None = None,
+                   show_progress: bool = False) -> list[Any]: ...
 
     def run_pool(self, make_worker: Callable[[Placement], Worker], units: list[Any], *, description: str,
                  unit_name: str, show_progress: bool, shared_dir: Path | None = None) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from toss_filter.config import ExecutorConfig
 from toss_filter.executors.base import Placement, PoolTally, Worker
+from toss_filter.progress import Progress
 
 
 class LocalExecutor:
@@ -24,8 +25,14 @@ class LocalExecutor:
     def close(self) -> None:
         """Nothing to release (the Ray executor's `close()` shuts down a Ray it started)."""
 
-    def map_shards(self, fn: Callable[[int], Any], shards: Sequence[int]) -> list[Any]:
-        return [fn(shard) for shard in shards]
+    def map_shards(self, fn: Callable[[int], Any], shards: Sequence[int], description: str | None = None,
+                   show_progress: bool = False) -> list[Any]:
+        results = []
+        with Progress(description or "", len(shards), "shards", bool(description) and show_progress) as progress:
+            for shard in shards:
+                results.append(fn(shard))
+                progress.advance(1)
+        return results
 
     def run_pool(self, make_worker: Callable[[Placement], Worker], units: list[Any], *, description: str,
                  unit_name: str, show_progress: bool, shared_dir: Path | None = None) -> dict[str, Any]:

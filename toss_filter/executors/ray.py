@@ -52,6 +52,7 @@ from toss_filter.config import ExecutorConfig
 from toss_filter.errors import ConfigError, TossError
 from toss_filter.files import atomic_write_text
 from toss_filter.executors.base import Placement, PoolTally
+from toss_filter.progress import Progress
 
 RETRIES = 2  # restarts of a dead replica, and retries of the unit it was scoring
 PROBE_PREFIX = ".ray-probe-"
@@ -223,7 +224,8 @@ class RayExecutor:
         self.close()
 
     # ---- work
-    def map_shards(self, fn: Callable[[int], Any], shards: Sequence[int]) -> list[Any]:
+    def map_shards(self, fn: Callable[[int], Any], shards: Sequence[int], description: str | None = None,
+                   show_progress: bool = False) -> list[Any]:
         """`[fn(s) for s in shards]` as Ray tasks of one CPU each, results in order; a worker's `TossError` is
         raised here as itself."""
         shards = list(shards)
@@ -234,6 +236,12 @@ class RayExecutor:
         fn_ref = ray.put(fn)
         refs = [task.remote(fn_ref, shard) for shard in shards]
         try:
+            with Progress(description or "", len(refs), "shards", bool(description) and show_progress) as progress:
+                pending = refs
+                while pending:
+                    done, pending = ray.wait(pending, num_returns=1)
+                    ray.get(done)  # raises a task's error as soon as it comes in
+                    progress.advance(len(done))
             return ray.get(refs)
         except ray.exceptions.RayError as err:
             # Only the tasks still running: cancelling one whose result is already in (the failed one, at least) can

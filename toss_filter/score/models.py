@@ -10,7 +10,7 @@ the merge is in place (peft `merge_adapter`), so it costs no memory, and each ro
 weights: switching roles reloads them, because a merge followed by an unmerge does not give the float weights back.
 So a role's weights depend on its own adapter and base alone, never on the other reference or on what was scored
 before: a resumed run is bit-identical, and a run that changes one reference can reuse the other's scores
-(steps/score.py). `one_role_at_a_time` tells the scorer to finish one role over all shards before the next, so a
+(steps/score.py). `one_model_at_a_time` tells the scorer to finish one role over all shards before the next, so a
 run reloads at most once. In bfloat16/float16 the adapters stay unmerged (peft `set_adapter`): rounding W + ΔW
 to 8 mantissa bits would lose most of a LoRA delta.
 
@@ -180,7 +180,7 @@ class ReferenceModels:
         self.allow_pickle = safety.allow_pickle and utility.allow_pickle
         self.shared_base = safety.is_adapter and utility.is_adapter and _same_model(safety.base, utility.base)
         self._models: dict[str, torch.nn.Module] = {}
-        self.one_role_at_a_time = False  # set on loading (see the module docstring)
+        self.one_model_at_a_time = False  # set on loading (see the module docstring)
         self._merged: str | None = None
 
     def load(self) -> None:
@@ -198,7 +198,7 @@ class ReferenceModels:
             return
         shared = self._load_adapter(safety, self._load_full(safety.base, "base"), adapter_name="safety")
         self._load_adapter(utility, shared, adapter_name="utility")
-        self.one_role_at_a_time = mergeable(shared, self.dtype)
+        self.one_model_at_a_time = mergeable(shared, self.dtype)
         self._models, self._merged = {"safety": shared, "utility": shared}, None
 
     def _load_full(self, path: str, role: str) -> torch.nn.Module:
@@ -231,7 +231,7 @@ class ReferenceModels:
 
         if not isinstance(model, PeftModel):
             return model
-        if self.one_role_at_a_time:
+        if self.one_model_at_a_time:
             return self._merge_in_place(role).get_base_model()
         model.set_adapter(role if self.shared_base else "default")
         return model.get_base_model()

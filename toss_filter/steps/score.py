@@ -75,7 +75,8 @@ def placed_config(config: ScoreConfig, placement: Placement) -> ScoreConfig:
     if config.tensor_parallel_size > gpus:
         raise ConfigError(f"--tensor-parallel-size {config.tensor_parallel_size} needs more GPUs than "
                           f"--gpus-per-replica {placement.gpus:g} gives a replica")
-    return replace(config, tensor_parallel_size=config.tensor_parallel_size if config.tensor_parallel_size > 1 else gpus)
+    size = config.tensor_parallel_size if config.tensor_parallel_size > 1 else gpus  # an explicit size wins
+    return replace(config, tensor_parallel_size=size)
 
 
 def absolute_paths(config: ScoreConfig) -> ScoreConfig:

@@ -149,7 +149,8 @@ def select_step(config: SelectConfig, executor: Any, show_progress: bool = True)
                     config.flagging())
     files = ShardFiles(str(run.path), state["tokens_key"], state["score_key"])
     rule = Rule(config.strategy, config.ratio, config.scope, config.threshold, config.seed)
-    decision = decide(rule, plan.shards, ResponseScores(files), executor.map_shards)
+    decision = decide(rule, plan.shards, ResponseScores(files),
+                      partial(executor.map_shards, description="select", show_progress=show_progress))
     select_s = time.perf_counter() - started
 
     write_started = time.perf_counter()
@@ -157,8 +158,8 @@ def select_step(config: SelectConfig, executor: Any, show_progress: bool = True)
     key = content_key({"layout": "select-v2", "score_key": state["score_key"], "rule": config.rule(),
                        "assistant_masks": masks})
     staging = run.path / "select" / key
-    counts = executor.map_shards(partial(write_shard, files, decision, str(staging), plan.shards,
-                                         config.keep_empty, masks), range(plan.shards))
+    counts = executor.map_shards(partial(write_shard, files, decision, str(staging), plan.shards, config.keep_empty,
+                                         masks), range(plan.shards), description="write", show_progress=show_progress)
     outputs = _datasets(staging, plan.shards, masks)
     output = Path(config.output)
     # Both targets are checked before either moves, so a refusal never leaves one in place without the other.

@@ -40,17 +40,48 @@ import pyarrow as pa
 from toss_filter.config import ScoreConfig
 from toss_filter.data.conversation import Conversation
 from toss_filter.data.load import count_rows, iter_conversations, load_conversations
-from toss_filter.data.tokenize import IGNORE_INDEX, ConversationTokenizer, tokenize_rows, tokens_table
+from toss_filter.data.tokenize import IGNORE_INDEX, ConversationTokenizer, Tokenized
 from toss_filter.errors import InputError
 from toss_filter.files import atomic_write_text
 from toss_filter.plan import read_table, write_table
-from toss_filter.run import INVALID_SCHEMA, RunDir, invalid_path, read_invalid
+from toss_filter.run import INVALID_SCHEMA, TOKENS_SCHEMA, UNSCORED_FIELD, RunDir, invalid_path, read_invalid
 from toss_filter.fingerprint import content_key, tokens_digest
 from toss_filter.arrow import list_column
 from toss_filter.progress import Progress
 
 log = logging.getLogger(__name__)
 _worker_encode: ConversationTokenizer | None = None
+
+
+def tokenize_rows(conversations: Iterable[tuple[int, Conversation | list[dict[str, Any]]]],
+                  encode: ConversationTokenizer, source: str) -> pa.Table:
+    """Every conversation as one `tokens_table` row, in input order."""
+    rows = ((row, encode(conversation, source, row)) for row, conversation in conversations)
+    return tokens_table(rows, with_unscored=not encode.score_reasoning)
+
+
+def tokens_table(tokenized: Iterable[tuple[int, Tokenized]], with_unscored: bool) -> pa.Table:
+    """Tokenized rows as one token shard table (`run.TOKENS_SCHEMA`): `labels` holds the SCORED response tokens
+    (those of `Tokenized.labels` not in `Tokenized.unscored`), and, only `with_unscored` (so tables of other runs
+    keep their layout), `unscored` (`run.UNSCORED_FIELD`: positions trained but not scored; the writer trains on
+    them). The schema's metadata `reasoning_dropped_turns` counts the turns whose reasoning the template dropped by
+    design (absent when none).
+    """
+    rows, input_ids, labels, truncated, unscored, dropped = [], [], [], [], [], 0
+    for row, tokens in tokenized:
+        dropped += tokens.dropped_reasoning
+        scored = list(tokens.labels)
+        for j in tokens.unscored:
+            scored[j] = IGNORE_INDEX
+        rows.append(row)
+        input_ids.append(tokens.input_ids)
+        labels.append(scored)
+        truncated.append(tokens.truncated)
+        unscored.append(tokens.unscored)
+    columns = [rows, input_ids, labels, truncated] + ([unscored] if with_unscored else [])
+    schema = TOKENS_SCHEMA.append(UNSCORED_FIELD) if with_unscored else TOKENS_SCHEMA
+    table = pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(columns, schema)], schema=schema)
+    return table.replace_schema_metadata({"reasoning_dropped_turns": str(dropped)} if dropped else None)
 
 
 def input_identity(source: str, split: str | None, name: str | None) -> dict[str, Any]:
