@@ -29,6 +29,7 @@ def test_a_row_family_is_its_family_field_else_its_source_prefix():
     assert row_family({"family": "hh-rlhf", "source": "hh-rlhf-helpful/x#1"}) == "hh-rlhf"
     assert row_family({"source": "gptfuzz/train#3"}) == "gptfuzz"
     assert row_family({"source": "gsm8k#3"}) == "gsm8k"
+    assert row_family({"source": "hh-rlhf-harmless-base/test/rejected#4"}) == "hh-rlhf"  # one origin, one family
     assert row_family({"family": "  ", "source": ""}) is None
     assert row_family({"messages": []}) is None
 

@@ -2,7 +2,8 @@
 can be compared by source.
 
 A row's family is its `family` field; without one, its `source` field up to the first "/" or "#" (the bundled
-files' `source` is "dataset/part#index"); without either, it is unknown (None). A reference trained on any row of
+files' `source` is "dataset/part#index"), where datasets of one origin are one family (`ONE_ORIGIN`: HH-RLHF's
+harmless and helpful parts come from one crowd and one model); without either, it is unknown (None). A reference trained on any row of
 unknown family cannot vouch that an evaluated family is out of its sources.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 from toss_filter.data.load import read_records
 
 UNKNOWN = "?"  # the family key of rows that name none
+ONE_ORIGIN = {"hh-rlhf-helpful": "hh-rlhf", "hh-rlhf-harmless-base": "hh-rlhf"}
 
 
 def row_family(record: Mapping[str, Any], family_column: str = "family", source_column: str = "source") -> str | None:
@@ -26,7 +28,8 @@ def row_family(record: Mapping[str, Any], family_column: str = "family", source_
         return family.strip()
     source = record.get(source_column)
     if isinstance(source, str) and source.strip():
-        return re.split(r"[/#]", source.strip(), maxsplit=1)[0]
+        dataset = re.split(r"[/#]", source.strip(), maxsplit=1)[0]
+        return ONE_ORIGIN.get(dataset, dataset)
     return None
 
 

@@ -78,7 +78,7 @@ class TorchScorer:
         if self.references is None:
             return False
         self.references.load()
-        return self.references.one_role_at_a_time
+        return self.references.one_model_at_a_time
 
     def nll(self, role: str, rows: Sequence[TokenRow], on_batch: ProgressCallback | None = None) -> list[np.ndarray]:
         assert self.references is not None, "TorchScorer was built without references"
