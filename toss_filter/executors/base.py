@@ -5,8 +5,9 @@ An executor offers two things:
   (`fn` is picklable), with a progress bar of shards when `description` names one;
 - `run_pool(make_worker, units, ...)`: a pool of stateful workers, each built once by `make_worker(placement)` (a
   model loads once per worker, not per unit), that run every unit between them. A worker is any callable that
-  takes a unit and returns at least `{"tokens", "seconds"}`, with `describe()` and `close()`; it may also
-  `arrange(units)` into the order it works best in, where the executor runs every unit on that one worker.
+  takes a unit and returns at least `{"tokens", "seconds"}`, with `describe()` and `close()`; it may also have
+  `load()`, called once when it starts (its model loads there, timed as its start), and `arrange(units)`, the order
+  it works best in, where the executor runs every unit on that one worker.
 
 `PoolTally` is the progress and timing of a pool, written once for every executor.
 """

@@ -36,11 +36,14 @@ class LocalExecutor:
 
     def run_pool(self, make_worker: Callable[[Placement], Worker], units: list[Any], *, description: str,
                  unit_name: str, show_progress: bool, shared_dir: Path | None = None) -> dict[str, Any]:
+        if not units:
+            return PoolTally(description, 0, unit_name, False).summary()
         started = time.perf_counter()
         worker = make_worker(Placement(threads=self.config.threads))
         try:
+            getattr(worker, "load", lambda: None)()
             arrange = getattr(worker, "arrange", None)
-            units = arrange(units) if arrange else units  # asking may load the weights (timed with them)
+            units = arrange(units) if arrange else units
             load_s = time.perf_counter() - started
             with PoolTally(description, len(units), unit_name, show_progress) as tally:
                 for unit in units:

@@ -122,6 +122,7 @@ class PoolReplica:
             if probe is not None:
                 check_probe(Path(probe[0]), probe[1])
             self.worker = make_worker(placement)
+            getattr(self.worker, "load", lambda: None)()  # ready only once loaded: every replica takes a share
         except Exception as err:
             self.error = self._caught(err)
         self.load_s = time.perf_counter() - started

@@ -119,6 +119,10 @@ class ShardScorer:
 
             self.scorer = TorchScorer(self.references, self.references.device, config.max_batch_tokens)
 
+    def load(self) -> None:
+        """Load the weights now (a pool times it as the worker's start, and a worker is ready once loaded)."""
+        self.scorer.one_model_at_a_time  # noqa: B018  (the torch scorer loads its weights to answer)
+
     def arrange(self, units: list[ScoreUnit]) -> list[ScoreUnit]:
         """Role-major units (one model at a time: each switch of roles costs a merge or an engine) when the scorer
         holds one role's weights at a time, else both roles of a shard in one unit."""
