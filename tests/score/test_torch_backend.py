@@ -1,12 +1,23 @@
+import json
+from pathlib import Path
+
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
+from datasets import load_from_disk
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from toss_filter import ScoreConfig, SelectConfig, filter_dataset
 from toss_filter.data.tokenize import ConversationTokenizer, resolve_format
+from toss_filter.plan import read_table
+from toss_filter.run import RunDir
+from toss_filter.score import torch_backend
 from toss_filter.score.models import ReferenceModels, resolve_spec
-from toss_filter.score.torch_backend import TorchScorer, length_sorted_batches
+from toss_filter.score.torch_backend import TorchScorer, length_sorted_batches, single_row_batches
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Sure, 2+2 is 4."}],
@@ -101,6 +112,24 @@ def test_scores_do_not_depend_on_batching(tiny_models, rows):
         np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+def test_batch_invariant_scoring_runs_each_row_alone_and_gives_a_row_the_same_bits_beside_any_rows(tiny_models, rows):
+    assert not TorchScorer().batch_invariant  # opt-in: bench/batch_invariance.py measures its cost
+    assert single_row_batches([5, 100, 7, 100]) == [[1], [3], [2], [0]]
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["base"]).eval()
+    scorer = TorchScorer(max_batch_tokens=100_000, batch_invariant=True)
+    scorer.model_nll(model, rows[:1])  # its one-off head check runs a forward pass of its own
+    widths = []
+    model.get_decoder().register_forward_pre_hook(lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape),
+                                                  with_kwargs=True)
+    invariant = scorer.model_nll(model, rows)
+    assert sorted(widths) == sorted((1, len(ids)) for ids, _ in rows)  # one unpadded row per forward pass
+    # A row's scores are the same bits alone, beside other rows, or in another order.
+    for subset in ([0], [1, 2], [2, 1, 0]):
+        again = TorchScorer(batch_invariant=True).model_nll(model, [rows[i] for i in subset])
+        for i, values in zip(subset, again):
+            np.testing.assert_array_equal(values, invariant[i])
+
+
 def test_length_sorted_batches_respect_the_budget_and_cover_every_row():
     lengths = [5, 100, 7, 50, 50, 3, 200]
     batches = length_sorted_batches(lengths, max_batch_tokens=120)
@@ -108,3 +137,56 @@ def test_length_sorted_batches_respect_the_budget_and_cover_every_row():
     for batch in batches:
         assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 120
     assert batches[0] == [6]  # a row over the budget runs alone, first
+
+
+def _score_bytes(run_dir: Path) -> dict[str, bytes]:
+    """Every role's score shards, and the sidecar's rows and scores, concatenated in row order, as raw bytes."""
+    run = RunDir(run_dir)
+    state = json.loads((run_dir / "run.json").read_text())
+    out = {}
+    for role in ("safety", "utility"):
+        table = pa.concat_tables([read_table(run.score_shard(state["score_key"], role, shard))
+                                  for shard in range(state["shards"])])
+        nll = table.column("nll").combine_chunks()
+        out[f"{role}.row"] = table.column("row").to_numpy().tobytes()
+        out[f"{role}.lengths"] = np.diff(nll.offsets.to_numpy()).tobytes()
+        out[f"{role}.nll"] = nll.flatten().to_numpy(zero_copy_only=False).tobytes()
+    sidecar = load_from_disk(str(run_dir / "token_scores")).data.table
+    score = sidecar.column("score").combine_chunks()
+    out["sidecar.row"] = sidecar.column("row").to_numpy().tobytes()
+    out["sidecar.lengths"] = np.diff(score.offsets.to_numpy()).tobytes()
+    out["sidecar.score"] = score.flatten().to_numpy(zero_copy_only=False).tobytes()
+    return out
+
+
+class _BatchInvariantScorer(TorchScorer):
+    """TorchScorer with batch_invariant=True whatever the caller passes. A stand-in until steps/score.py builds its
+    scorer with `batch_invariant=config.deterministic`; then the monkeypatch below can go (deterministic=True stays)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "batch_invariant": True})
+
+
+@pytest.mark.slow
+def test_one_shard_and_seven_row_shards_give_byte_identical_scores_under_the_smollm2_references(tmp_path, monkeypatch):
+    """The issue's case, smaller: the bundled SmolLM2 references on 40 rows of custom_mix.jsonl cut at 128 tokens,
+    filtered as one shard and as shards of 7 rows, each row scored alone. Batched rows (the default) give other bits
+    for 1 shard than for 7-row shards here: the padded width and the LM-head chunks depend on a row's neighbours."""
+    monkeypatch.setattr(torch_backend, "TorchScorer", _BatchInvariantScorer)
+    runs = {}
+    for shard_rows in (1000, 7):
+        run_dir = tmp_path / f"run-{shard_rows}"
+        score = ScoreConfig(input=str(EXAMPLES / "data" / "custom_mix.jsonl"),
+                            safety_model=str(EXAMPLES / "reference-adapters" / "safety"),
+                            utility_model=str(EXAMPLES / "reference-adapters" / "utility"),
+                            run_dir=str(run_dir), limit=40, max_length=128, shard_rows=shard_rows, deterministic=True)
+        select = SelectConfig(run_dir=str(run_dir), output=str(tmp_path / f"out-{shard_rows}"), report=False)
+        filter_dataset(score, select, show_progress=False)
+        runs[shard_rows] = _score_bytes(run_dir)
+    assert json.loads((tmp_path / "run-7" / "run.json").read_text())["shards"] == 6
+    one, seven = runs[1000], runs[7]
+    assert one.keys() == seven.keys()
+    for name in one:
+        assert one[name] == seven[name], f"{name} differs between 1 shard and 7-row shards"
+    scores = np.frombuffer(one["sidecar.score"], dtype=np.float32)
+    assert np.isfinite(scores).sum() > 1000  # the comparison covers real scores, not NaN placeholders

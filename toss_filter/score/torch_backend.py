@@ -7,6 +7,14 @@ Where the time goes, and why it is organised this way:
   small and the batch size adapts to the row length. The default budget depends on the device: on a CPU, batches
   beyond ~2k tokens spill the caches and run slower per token, so the CPU default is 2048 (bench/batch_budget.py
   measures it); accelerators want large batches.
+- Batches are a function of the shard, so a shard's scores are repeatable, but a row's last bits depend on the rows
+  batched beside it: the padded width changes the attention kernel's reduction order, and an LM-head chunk of
+  fewer than ~12 rows takes another MKL kernel. 1 shard and 7-row shards of the same 80 rows differ by up to 3.3e-5
+  (bundled SmolLM2 pair, CPU). `batch_invariant=True` runs each row alone, unpadded, with LM-head chunks of its own
+  tokens: a row's scores are then a function of that row alone, the same bits for any shard layout (same torch
+  thread count and software). It is off by default for its cost (bench/batch_invariance.py, on 2 shared cores):
+  +1.4% at 1 thread, but 2.8-4.5x at 2 threads, where ten times as many small parallel ops each pay a thread
+  barrier.
 - The decoder runs once per batch; the LM head and the log-softmax run only on the hidden states that predict a
   response token (position j-1 for token j), in chunks of `logits_chunk` rows. Prompt positions never get logits,
   and no `[tokens, vocab]` tensor larger than one chunk ever exists.
@@ -42,6 +50,11 @@ def length_sorted_batches(lengths: Sequence[int], max_batch_tokens: int) -> list
     return batches
 
 
+def single_row_batches(lengths: Sequence[int]) -> list[list[int]]:
+    """Each row a batch of its own, longest first: scores that do not depend on a row's neighbours."""
+    return [[i] for i in sorted(range(len(lengths)), key=lambda i: -lengths[i])]
+
+
 def _final_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The LM head as the model's own forward applies it, for the architectures that post-process logits."""
     config = model.config
@@ -65,11 +78,15 @@ def default_batch_tokens(device: str) -> int:
 
 
 class TorchScorer:
+    """`batch_invariant`: score each row alone, so its scores do not depend on the rows beside it or on the shard
+    layout (`max_batch_tokens` then goes unused); off, length-sorted batches of `max_batch_tokens` padded tokens."""
+
     def __init__(self, references: ReferenceModels | None = None, device: str = "cpu",
-                 max_batch_tokens: int | None = None, logits_chunk: int = 256):
+                 max_batch_tokens: int | None = None, logits_chunk: int = 256, batch_invariant: bool = False):
         self.references, self.device = references, device
         self.max_batch_tokens = max_batch_tokens or default_batch_tokens(device)
         self.logits_chunk = logits_chunk
+        self.batch_invariant = batch_invariant
         self._checked: set[int] = set()
 
     @property
@@ -89,7 +106,8 @@ class TorchScorer:
         return {role: self.nll(role, rows, (on_batch or {}).get(role)) for role in roles}
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": "torch", "device": self.device, "max_batch_tokens": self.max_batch_tokens}
+        return {"backend": "torch", "device": self.device, "batch_invariant": self.batch_invariant,
+                "max_batch_tokens": None if self.batch_invariant else self.max_batch_tokens}
 
     @torch.inference_mode()
     def model_nll(self, model: torch.nn.Module, rows: Sequence[TokenRow],
@@ -99,7 +117,10 @@ class TorchScorer:
             self._check_head_matches_forward(model, rows[0])
             self._checked.add(id(model))
         results: list[np.ndarray] = [np.full(len(ids), np.nan, dtype=np.float32) for ids, _ in rows]
-        for batch in length_sorted_batches([len(ids) for ids, _ in rows], self.max_batch_tokens):
+        lengths = [len(ids) for ids, _ in rows]
+        batches = (single_row_batches(lengths) if self.batch_invariant
+                   else length_sorted_batches(lengths, self.max_batch_tokens))
+        for batch in batches:
             self._score_batch(model, [rows[i] for i in batch], [results[i] for i in batch])
             if on_batch:
                 on_batch(len(batch), sum(len(rows[i][0]) for i in batch))
