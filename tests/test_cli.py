@@ -213,7 +213,8 @@ def test_every_command_takes_verbose_and_quiet_after_it(tmp_path, root_level):
     assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
 
 
-LOG_LINE = (r"toss-filter: (tokenize|score): [\d,]+/[\d,]+ (rows|shard-roles)(, [\d,.]+ (tok|rows|shard-roles)/s)?"
+LOG_LINE = (r"toss-filter: (tokenize|score|select|write): [\d,]+/[\d,]+ (rows|shard-roles|shards)"
+            r"(, [\d,.]+ (tok|rows|shard-roles|shards)/s)?"
             r"(, (eta|done in) \d+:\d\d:\d\d)?")
 
 
