@@ -35,7 +35,6 @@ import dataclasses
 import json
 import logging
 import os
-import pickle
 import secrets
 import signal
 import socket
@@ -109,7 +108,8 @@ class PoolReplica:
     """One Ray Data actor: one worker, built once, running one unit per call. Errors come back as the unit's row
     (`error`, `error_kind`), so the driver reports them in one line rather than as a Ray traceback."""
 
-    def __init__(self, make_worker: Callable[[Placement], Any], placement: Placement, probe: tuple[str, str] | None):
+    def __init__(self, make_worker: Callable[[Placement], Any], placement: Placement, probe: tuple[str, str] | None,
+                 units: list[Any]):
         import ray
 
         started = time.perf_counter()
@@ -117,6 +117,7 @@ class PoolReplica:
         self.where = {"node": node_name(), "actor": context.get_actor_id() or "",
                       "gpu_ids": ",".join(str(gpu) for gpu in ray.get_gpu_ids())}
         self.worker: Any = None
+        self.units = units  # the dataset's rows carry only an index into them
         self.error: tuple[str, str] | None = None
         try:
             if probe is not None:
@@ -140,7 +141,7 @@ class PoolReplica:
         error = self.error
         if error is None:
             try:
-                result = self.worker(pickle.loads(batch["unit"][0]))
+                result = self.worker(self.units[index])
                 row |= {"tokens": result["tokens"], "seconds": result["seconds"],
                         "describe": json.dumps(self.worker.describe(), default=str)}
             except Exception as err:
@@ -271,14 +272,14 @@ class RayExecutor:
             data_log.setLevel(logging.CRITICAL)  # Ray Data's notes and tracebacks only with --verbose: we report
         placement = Placement(threads=self.config.cpus_per_replica, gpus=self.config.gpus_per_replica)
         try:
-            rows = ray.data.from_items([{"index": i, "unit": pickle.dumps(unit)} for i, unit in enumerate(units)],
+            rows = ray.data.from_items([{"index": i} for i in range(len(units))],
                                        override_num_blocks=len(units))  # one block per unit: one task per unit
             with warnings.catch_warnings():
                 # max_restarts / max_task_retries have no named parameter yet: they go as `ray_remote_args`,
                 # deprecated from Ray 2.60 on, and still honoured by the pinned line (<2.61)
                 warnings.simplefilter("ignore", DeprecationWarning)
                 done = rows.map_batches(
-                    PoolReplica, fn_constructor_args=(make_worker, placement, probe and (str(probe[0]), probe[1])),
+                    PoolReplica, fn_constructor_args=(make_worker, placement, probe and (str(probe[0]), probe[1]), units),
                     batch_size=1, compute=ray.data.ActorPoolStrategy(size=self.config.replicas),
                     num_cpus=self.config.cpus_per_replica, num_gpus=self.config.gpus_per_replica or None,
                     max_restarts=RETRIES, max_task_retries=RETRIES)
